@@ -1,0 +1,331 @@
+"""Discrete Tilt Matching (DTM) on the 41x41 maze: the loss, and the annealing loop around it.
+
+A masked diffusion model cannot compute the likelihood of a sequence, so it cannot be fine-tuned
+towards a reward r by policy gradients on log p(x). DTM instead anneals the tilted law
+    p_a(x) ∝ p_0(x) exp(a r(x)),      a = 0, eta, 2 eta, ..., a_max                       (eq. 8)
+and, in each phase, trains the unmasking posteriors p_theta(. | x_t, i) with a weighted
+cross-entropy whose unique minimiser is the posterior of p_{a+eta}, using only rollouts of the
+frozen model p_a (the "teacher") and their rewards. The control variate phi cuts its variance.
+
+    python dtm.py --phi 1 --eta 0.1          # the main command: ~10 phases, metrics + figures
+    python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
+    python dtm.py --bench                    # cost of one DTM step vs one ELBO step
+    python dtm.py --help
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from maze import env
+from maze.mdm import (PROMPT_LEN, CheckpointError, Config, elbo_loss, evaluate, load,
+                      mask_completions, pretrain, sample, save)
+
+DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
+
+
+# ----------------------------------------------------------------------------- the loss
+def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, group=None,
+             normalise=True):
+    """phi-DTM loss (eq. 16) with the control-variate target of eq. 17.
+
+    logits         (N, V) student logits at the N True entries of `mask`, row-major (= head(h[mask]))
+    teacher_logits (N, V) the frozen p_a at the same positions; may be None when phi == 0
+    x1             (B, T) clean sequences drawn from the teacher p_a
+    mask           (B, T) bool, the masked positions that count
+    reward         (B,)   r(x1)
+    time_weight    (B,)   per-sequence weight, e.g. the hazard lambda(t) / L (the ELBO's form)
+    group          (B,)   ids sharing one Z (e.g. the prompt); None: the whole batch
+    normalise      divide by Z (the paper); False uses e^{eta r} raw (the authors' released code)
+    Returns (1/B) * sum_b time_weight_b * sum_{i in mask_b} loss_i.
+
+    Derivation (SPEC §3). Masking x1 -> x_t does not depend on the tilt, so for any F (eq. 11-13)
+        E_{a+eta}[F] = E_a[e^{eta r(X1)} F] / E_a[e^{eta r(X1)}],
+    and the tilted posterior at a masked position i is (Prop. 3.1)
+        p_{a+eta}(v | x_t, i) = E_a[e^{eta r} 1{X1^i = v} | x_t] / E_a[e^{eta r} | x_t].
+    Replace the one-hot by the control-variate target (eq. 17)
+        Y_phi(v) = 1{x1^i = v} - phi e^{-eta r} (1{x1^i = v} - p_a(v | x_t, i)):
+    since E_a[1{X1^i = v} - p_a(v | x_t, i) | x_t] = 0, E_a[e^{eta r} Y_phi | x_t] is unchanged, so
+    the weighted cross-entropy E_a[(e^{eta r} / Z) CE(Y_phi, p_theta)] still has the tilted
+    posterior as its unique minimiser (Prop. 3.2), for any phi. Written out per masked token:
+        (e^{eta r} / Z) CE(Y_phi, p_theta)
+          = (e^{eta r} - phi) / Z * (-log p_theta(x1^i))            reward-weighted NLL
+          +           phi / Z * CE(p_a(. | x_t, i), p_theta)         distil the teacher
+    phi = 0: reward-weighted ELBO.  phi = 1, eta -> 0: pure distillation of p_a, whose gradient at
+    p_theta = p_a is zero, so the noise of the one-hot target cancels (Prop. 3.3: lower variance).
+    Z = E_a[e^{eta r}] is estimated per group in the batch, in log space:
+        log(1/Z_g) = log n_g - logsumexp_{b in g}(eta r_b).
+    Notes. The distillation weight phi / Z is not invariant to adding c to r (Z scales by e^{eta c}):
+    phi = 1 is the right control variate when e^{eta r} ~ 1, i.e. rewards near 0; a group whose
+    rewards are all very negative gets a huge phi / Z. For r < 0 the NLL weight e^{eta r} - phi is
+    negative; the expected target is still a distribution (the released code clips r at 0).
+    """
+    B = x1.shape[0]
+    dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
+    er = eta * reward.to(dt)                                           # (B,)
+    if normalise:
+        g = torch.zeros(B, dtype=torch.long, device=x1.device) if group is None \
+            else torch.unique(group, return_inverse=True)[1]
+        G = int(g.max()) + 1
+        m = torch.full((G,), -math.inf, dtype=dt, device=x1.device).scatter_reduce(0, g, er, "amax")
+        s = torch.zeros(G, dtype=dt, device=x1.device).index_add(0, g, torch.exp(er - m[g]))
+        n = torch.bincount(g, minlength=G).to(er.dtype)
+        log_inv_Z = (n.log() - m - s.log())[g]                          # (B,) log(1/Z) per sequence
+    else:
+        log_inv_Z = torch.zeros_like(er)
+    w_nll = torch.exp(er + log_inv_Z) - phi * torch.exp(log_inv_Z)     # (e^{eta r} - phi) / Z
+    w_ce = phi * torch.exp(log_inv_Z)                                  # phi / Z
+    seq = mask.nonzero()[:, 0]                                         # (N,) sequence of each token
+    logp = F.log_softmax(logits.to(dt), dim=-1)                       # (N, V)
+    reward_weighted_nll = -logp.gather(1, x1[mask][:, None])[:, 0]     # (N,)
+    loss = w_nll[seq] * reward_weighted_nll
+    if phi != 0:
+        p_a = F.softmax(teacher_logits.to(dt), dim=-1)
+        teacher_ce = -(p_a * logp).sum(-1)                              # (N,)
+        loss = loss + w_ce[seq] * teacher_ce
+    return (time_weight[seq] * loss).sum() / B
+
+
+# ----------------------------------------------------------------------------- the replay buffer
+def rollouts(teacher, prompts, per_prompt, args, wall, gen):
+    """Teacher rollouts for every prompt: x1 (P, per_prompt, T) and rewards (P, per_prompt)."""
+    P = len(prompts)
+    pr = torch.as_tensor(prompts).repeat_interleave(per_prompt, 0)
+    comp = sample(teacher, pr, args.sample_steps, args.temperature, args.order, gen)
+    _, r, _ = env.score(wall, comp.cpu().numpy(), pr.numpy())
+    x1 = torch.cat([pr, torch.full((len(pr), 1), env.SEP), comp.cpu()], 1)
+    return x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt)
+
+
+# ----------------------------------------------------------------------------- the loop
+def run(args):
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    P = len(prompts)
+    os.makedirs(args.out, exist_ok=True)
+    state_path = os.path.join(args.out, "state.pt")
+    if args.resume and os.path.isfile(state_path):
+        model, ck = load(state_path, args.device)
+        history, start = ck["history"], len(ck["history"]) - 1
+        gen.manual_seed(args.seed + start)
+        print(f"resumed from {state_path} after phase {start}")
+    else:
+        if args.base is None and not os.path.isfile(DEFAULT_BASE):
+            print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_minutes} min)")
+            model, _ = pretrain(Config(), args.pretrain_minutes, device=args.device, out=DEFAULT_BASE)
+        else:
+            model, _ = load(args.base or DEFAULT_BASE, args.device)
+        history, start = [], 0
+    L = model.cfg.gen_len
+    a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
+
+    def measure(a, extra):
+        t0 = time.time()
+        m, x, ids = evaluate(model.eval(), wall, prompts, args.eval_per_prompt, args.temperature,
+                             args.order, args.sample_steps, generator=gen)
+        history.append(dict(a=round(a, 6), **m, eval_s=round(time.time() - t0, 1), **extra))
+        np.save(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"), x)
+        tqdm.write(f"a={a:.2f}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+    if not history:
+        measure(0.0, {})
+    for k in range(start + 1, len(a_grid)):
+        a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
+        t0 = time.time()
+        # 1. freeze the teacher p_a = the model at the start of the phase
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        # 2. fill the replay buffer with teacher rollouts (x1, r), M per prompt
+        M = args.buffer_per_prompt
+        x1_buf, r_buf = rollouts(teacher, prompts, M, args, wall, gen)
+        # 3. a fresh optimiser per phase (as the authors' code resets Adam at each phase)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        model.train()
+        losses = []
+        bar = tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
+                   leave=False)
+        for step in bar:
+            if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
+                n_new = max(1, round(args.refresh_fraction * M))
+                slots = torch.randperm(M, generator=gen)[:n_new]
+                x1_buf[:, slots], r_buf[:, slots] = rollouts(teacher, prompts, n_new, args, wall, gen)
+            # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
+            j = torch.randint(M, (P, args.batch // P), generator=gen)
+            rows = torch.arange(P)[:, None].expand_as(j)
+            x1, r = x1_buf[rows, j].flatten(0, 1).to(args.device), r_buf[rows, j].flatten().to(args.device)
+            group = rows.flatten().to(args.device)
+            x_t, mask, hazard = mask_completions(x1, None)
+            if args.weighting == "released":                           # their code: mean over masked
+                tw = 1.0 / mask.sum(1).clamp_min(1).float()            # tokens, r clipped at 0, no Z
+                r = r.clamp_min(0)
+            else:                                                      # the paper's ELBO form (Prop. 3.4)
+                tw = hazard / L
+            # 5. student logits, and the teacher's only where the loss needs them
+            logits = model(x_t, mask)
+            teacher_logits = None
+            if args.phi != 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(x_t, mask)
+            loss = dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta, args.phi, group,
+                            normalise=args.weighting == "paper")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        measure(a, dict(loss=float(np.mean(losses)), buffer_reward=float(r_buf.mean()),
+                        train_s=round(time.time() - t0, 1)))
+        save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(history, f, indent=1)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    plot(history, wall, prompts, args)
+    return history
+
+
+# ----------------------------------------------------------------------------- figures
+def plot(history, wall, prompts, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(args.figures, exist_ok=True)
+    tag = f"phi{args.phi:g}_eta{args.eta:g}"
+    first, last = history[0]["a"], history[-1]["a"]
+    show = list(range(min(4, len(prompts))))
+    fig, axes = plt.subplots(2, len(show), figsize=(3.2 * len(show), 6.6), squeeze=False)
+    for row, a, colour in ((0, first, "tab:gray"), (1, last, "tab:red")):
+        x = np.load(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"))
+        ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
+        valid, _, _ = env.score(wall, x, np.asarray(prompts)[ids])
+        for col, p in enumerate(show):
+            sel = ids == p
+            env.plot_rollouts(axes[row, col], wall, x[sel], prompts[p], valid[sel], colour=colour,
+                              title=f"a={a:.1f}  valid {valid[sel].mean():.2f}")
+    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: rollouts before (top) and after (bottom)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.figures, f"rollouts_{tag}.png"), dpi=90)
+    plt.close(fig)
+    a = [h["a"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, label in zip(axes, ("reward", "validity", "distinct_valid_per_prompt"),
+                              ("mean reward", "validity", "distinct valid paths / prompt")):
+        ax.plot(a, [h[key] for h in history], "o-")
+        ax.set_xlabel("tilt a")
+        ax.set_title(label)
+    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.figures, f"curves_{tag}.png"), dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def bench(args, reps=20):
+    """Seconds per optimiser step: ELBO vs DTM (phi = 1) on the same model and batch."""
+    torch.manual_seed(args.seed)
+    model = load(args.base or DEFAULT_BASE, args.device)[0]
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    wall = env.make_maze()
+    x1 = rollouts(teacher, env.make_prompts(wall), args.batch // 8, args, wall, None)[0].flatten(0, 1)
+    r = torch.rand(len(x1))
+    group = torch.arange(len(x1)) % 8
+    L = model.cfg.gen_len
+
+    def elbo_step(x_t, mask, hazard):
+        return elbo_loss(model(x_t, mask), x1, mask, hazard)
+
+    def dtm_step(x_t, mask, hazard):
+        logits = model(x_t, mask)
+        with torch.no_grad():
+            teacher_logits = teacher(x_t, mask)
+        return dtm_loss(logits, teacher_logits, x1, mask, r, hazard / L, args.eta, 1.0, group)
+
+    times = {}
+    for name, fn in (("elbo", elbo_step), ("dtm", dtm_step)) * 2:     # twice: the first is warm-up
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            loss = fn(*mask_completions(x1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times[name] = (time.perf_counter() - t0) / reps
+    print(f"batch {len(x1)}: ELBO step {times['elbo'] * 1e3:.1f} ms, DTM step {times['dtm'] * 1e3:.1f} ms, "
+          f"ratio {times['dtm'] / times['elbo']:.3f}")
+    return times
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description="Discrete Tilt Matching on the 41x41 maze.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--phi", type=float, default=1.0, help="control-variate coefficient (eq. 17), in [0, 1]")
+    p.add_argument("--eta", type=float, default=0.1, help="annealing step of the tilt a (eq. 8), > 0")
+    p.add_argument("--a_max", type=float, default=1.0, help="final tilt a")
+    p.add_argument("--steps_per_phase", type=int, default=60, help="optimiser steps per phase")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step (a multiple of the 8 prompts)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--buffer_per_prompt", type=int, default=16, help="replay buffer rollouts per prompt")
+    p.add_argument("--refresh_every", type=int, default=15, help="steps between buffer refreshes")
+    p.add_argument("--refresh_fraction", type=float, default=0.25, help="fraction of the buffer refreshed")
+    p.add_argument("--eval_per_prompt", type=int, default=16, help="evaluation rollouts per prompt per phase")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, eval)")
+    p.add_argument("--order", choices=["confidence", "random"], default="confidence", help="unmasking order")
+    p.add_argument("--sample_steps", type=int, default=32, help="sampler steps for the 64 tokens")
+    p.add_argument("--weighting", choices=["paper", "released"], default="paper",
+                   help="paper: hazard/L time weight and per-prompt Z; released: mean over masked "
+                        "tokens, raw e^{eta r}, r clipped at 0 (the authors' code)")
+    p.add_argument("--base", default=None,
+                   help=f"base checkpoint; default {DEFAULT_BASE}, pretrained first if it is missing")
+    p.add_argument("--pretrain_minutes", type=float, default=20.0, help="budget if the base is missing")
+    p.add_argument("--out", default="runs/dtm", help="metrics.json, rollouts and state.pt go here")
+    p.add_argument("--figures", default="figures", help="where the figures are written")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt after its last phase")
+    p.add_argument("--bench", action="store_true", help="only time a DTM step against an ELBO step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    problems = []
+    if not args.eta > 0:
+        problems.append(f"--eta must be > 0 (got {args.eta})")
+    if not 0 <= args.phi <= 1:
+        problems.append(f"--phi must be in [0, 1] (got {args.phi})")
+    if not args.a_max > 0:
+        problems.append(f"--a_max must be > 0 (got {args.a_max})")
+    if args.steps_per_phase < 1 or args.batch < 8 or args.buffer_per_prompt < 1 or args.refresh_every < 1:
+        problems.append("--steps_per_phase, --refresh_every and --buffer_per_prompt must be >= 1, --batch >= 8")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    try:
+        if args.bench:
+            return bench(args)
+        t0 = time.time()
+        history = run(args)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    h0, h1 = history[0], history[-1]
+    print(f"done in {time.time() - t0:.0f}s: reward {h0['reward']:.3f} -> {h1['reward']:.3f}, validity "
+          f"{h0['validity']:.3f} -> {h1['validity']:.3f}, distinct valid paths/prompt "
+          f"{h0['distinct_valid_per_prompt']:.1f} -> {h1['distinct_valid_per_prompt']:.1f}; "
+          f"metrics in {args.out}/metrics.json, figures in {args.figures}/")
+
+
+if __name__ == "__main__":
+    main()

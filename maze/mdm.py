@@ -1,0 +1,324 @@
+"""A tiny masked diffusion model (MDM) over maze paths: the network, the ELBO, the sampler, pretraining.
+
+Paper §2 (eq. 5) and App. D.1. A sequence is `[s, g, SEP, c_1 .. c_L]`; the prompt is never masked.
+What a masked diffusion model changes from a GPT, marked [NEW] below:
+  - attention is bidirectional (no causal mask);
+  - the input is a partially masked sequence x_t, and the network predicts the clean token x1^i at
+    each masked position i: row i of softmax(logits) is the unmasking posterior p_theta(. | x_t, i);
+  - the loss is the ELBO of eq. 5, a cross-entropy on masked positions weighted by the hazard
+    lambda(t) = kappa'(t) / (1 - kappa(t)) = 1 / (1 - t) for the linear schedule kappa(t) = t;
+  - sampling starts fully masked and reveals tokens over K steps instead of left to right.
+Maze-specific: a cell token's embedding is a free vector plus a row and a column embedding, and the
+output layer is tied to it, so the net starts with a sense of which cells are near each other.
+
+    python -m maze.mdm --minutes 20 --out maze/base.pt     # pretrain the base model on the CPU
+    python -m maze.mdm --eval maze/base.pt                  # validity / reward of 512 rollouts
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from maze import env
+
+PROMPT_LEN = 3                     # [s, g, SEP]
+
+
+@dataclass
+class Config:
+    gen_len: int = 64              # completion tokens; perturbed-shortest paths of our prompts fit
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128             # ~1M parameters: trains on 2 CPU cores in minutes
+    dropout: float = 0.0
+
+
+PAPER = dict(n_layer=8, n_head=8, d_model=288)   # --paper: ~8.9M parameters like the paper's base
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
+                                 nn.Linear(4 * cfg.d_model, cfg.d_model))
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=False)    # [NEW] bidirectional, (B, nh, T, hs)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class MDM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.tok = nn.Embedding(env.VOCAB, d)
+        self.row = nn.Embedding(env.SIZE + 1, d, padding_idx=env.SIZE)   # index 41: not a cell
+        self.col = nn.Embedding(env.SIZE + 1, d, padding_idx=env.SIZE)
+        self.pos = nn.Embedding(PROMPT_LEN + cfg.gen_len, d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.bias = nn.Parameter(torch.zeros(env.MASK))                 # outputs: every id but MASK
+        v = torch.arange(env.VOCAB)
+        is_cell = v < env.N_CELLS
+        self.register_buffer("row_of", torch.where(is_cell, v // env.SIZE, env.SIZE), persistent=False)
+        self.register_buffer("col_of", torch.where(is_cell, v % env.SIZE, env.SIZE), persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+            if getattr(m, "padding_idx", None) is not None:
+                m.weight.data[m.padding_idx].zero_()
+
+    def embed_table(self):
+        """(V, d): a cell's vector is token + row + column embedding; shared by input and output."""
+        return self.tok.weight + self.row(self.row_of) + self.col(self.col_of)
+
+    def hidden(self, x_t, table=None):
+        """Final hidden states (B, T, d) of a partially masked batch x_t (B, T)."""
+        table = self.embed_table() if table is None else table
+        h = F.embedding(x_t, table) + self.pos.weight[: x_t.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.ln_f(h)
+
+    def forward(self, x_t, where):
+        """Logits (N, V) only at the N positions where `where` (B, T) is True, row-major order.
+
+        Only masked positions enter any loss or sampling step, so the V-wide output layer is
+        applied to those alone (h[where] has N rows, not B*T). MASK is the last id and is never a
+        clean token, so the output covers ids 0 .. MASK - 1 and column k is token k.
+        """
+        table = self.embed_table()
+        return self.hidden(x_t, table)[where] @ table[: env.MASK].T + self.bias
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- forward masking
+def mask_completions(x1, generator=None):
+    """Forward process of the linear schedule kappa(t) = t on the completion part of x1 (B, T).
+
+    t ~ U(0, 1) per sequence, stratified over the batch (t_b = (u + b) / B) to lower variance; each
+    completion token is masked independently with probability 1 - kappa(t) = 1 - t.
+    Returns x_t (B, T), mask (B, T) bool, and the hazard weight lambda(t) = 1 / (1 - t) per sequence.
+    """
+    B, T = x1.shape
+    u = torch.rand((), generator=generator, device=x1.device)
+    t = (u + torch.arange(B, device=x1.device)) / B
+    t = t[torch.randperm(B, generator=generator, device=x1.device)]
+    mask = torch.rand(B, T, generator=generator, device=x1.device) < (1 - t)[:, None]
+    mask[:, :PROMPT_LEN] = False
+    x_t = torch.where(mask, torch.full_like(x1, env.MASK), x1)
+    hazard = 1.0 / (1.0 - t).clamp_min(1e-3)
+    return x_t, mask, hazard
+
+
+def elbo_loss(logits, x1, mask, hazard):
+    """Eq. 5: E_t [ lambda(t) * sum_{i masked} -log p_theta(x1^i | x_t, i) ], per completion token.
+
+    logits (N, V) at the True entries of mask (B, T); hazard (B,). Dividing by the completion
+    length L makes it a per-token bound; the sum over masked tokens is what makes it an ELBO.
+    """
+    nll = F.cross_entropy(logits, x1[mask], reduction="none")          # (N,)
+    seq = mask.nonzero()[:, 0]                                         # sequence of each masked token
+    L = mask.shape[1] - PROMPT_LEN
+    return (hazard[seq] * nll).sum() / (mask.shape[0] * L)
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, prompts, steps=None, temperature=1.0, order="confidence", generator=None):
+    """Run the reverse process from a fully masked completion. prompts (B, 2) -> completions (B, L).
+
+    Each of `steps` steps reveals an equal share of the L tokens (the remainder in the earliest
+    steps, as LLaDA does). The token at a masked position is drawn from softmax(logits / temperature)
+    by inverse CDF (cumsum + searchsorted: one uniform per position, not one per vocabulary entry;
+    argmax at temperature 0). Which positions are revealed:
+      order="random":     uniformly among the masked ones (the CTMC of the linear schedule);
+      order="confidence": those whose drawn token has the highest probability p_theta(x0 | x_t, i)
+                          (LLaDA's low-confidence remasking).
+    """
+    cfg = model.cfg
+    L = cfg.gen_len
+    steps = L if steps is None else steps
+    dev = next(model.parameters()).device
+    prompts = torch.as_tensor(prompts, device=dev)
+    B = prompts.shape[0]
+    x = torch.full((B, PROMPT_LEN + L), env.MASK, device=dev)
+    x[:, 0], x[:, 1], x[:, 2] = prompts[:, 0], prompts[:, 1], env.SEP
+    counts = [L // steps + (k < L % steps) for k in range(steps)]
+    for n in counts:
+        if n == 0:
+            continue
+        masked = x == env.MASK
+        logits = model(x, masked)                                      # (N, V) at masked positions
+        probs = torch.softmax(logits, -1)
+        if temperature > 0:
+            cdf = torch.softmax(logits / temperature, -1).cumsum(-1) if temperature != 1 else probs.cumsum(-1)
+            u = torch.rand(len(cdf), 1, generator=generator, device=dev) * cdf[:, -1:]
+            x0 = torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.shape[1] - 1)
+        else:
+            x0 = logits.argmax(-1)
+        if order == "confidence":
+            conf = probs.gather(1, x0[:, None])[:, 0]
+        else:
+            conf = torch.rand(x0.shape, generator=generator, device=dev)
+        score = torch.full(x.shape, -math.inf, device=dev)
+        score[masked] = conf
+        reveal = torch.zeros_like(masked)
+        reveal.scatter_(1, score.topk(n, dim=1).indices, True)
+        proposal = torch.full_like(x, env.MASK)
+        proposal[masked] = x0
+        x = torch.where(reveal, proposal, x)
+    return x[:, PROMPT_LEN:]
+
+
+def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="confidence", steps=None,
+             batch=512, generator=None):
+    """Sample `per_prompt` rollouts for each prompt and score them. Returns (dict of metrics, x, ids)."""
+    ids = np.repeat(np.arange(len(prompts)), per_prompt)
+    P = np.asarray(prompts)[ids]
+    xs = [sample(model, P[i:i + batch], steps, temperature, order, generator).cpu().numpy()
+          for i in range(0, len(P), batch)]
+    x = np.concatenate(xs)
+    valid, reward, _ = env.score(wall, x, P)
+    distinct, cells = env.diversity(x, ids, valid)
+    metrics = dict(validity=float(valid.mean()), reward=float(reward.mean()),
+                   distinct_valid_per_prompt=distinct, cells_covered_per_prompt=cells)
+    return metrics, x, ids
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save(model, path, **extra):
+    tmp = path + ".tmp"
+    torch.save({"config": asdict(model.cfg), "model": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)                                              # atomic: never half a file
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load(path, device="cpu"):
+    """Load an MDM checkpoint written by `save` (weights only: no code runs on load)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        model = MDM(Config(**ck["config"])).to(device)
+        model.load_state_dict(ck["model"])
+    except Exception as e:                                             # corrupt, truncated, wrong file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    return model, ck
+
+
+# ----------------------------------------------------------------------------- pretraining
+def training_set(wall, prompts, per_prompt, gen_len, seed=0, sigma=1.25):
+    """(N, 3 + gen_len) sequences of diverse valid paths (perturbed shortest paths that fit)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s, g in tqdm(prompts, desc="training paths", leave=False):
+        paths = [p for p in env.perturbed_shortest_paths(wall, s, g, per_prompt, rng, sigma)
+                 if len(p) <= gen_len]
+        rows += [env.encode((s, g), p, gen_len) for p in paths]
+    return torch.from_numpy(np.stack(rows))
+
+
+def pretrain(cfg, minutes, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, device="cpu",
+             out=None, maze_seed=0, n_prompts=8):
+    """Train the base MDM with the ELBO for a fixed wall-clock budget (cosine LR over that budget)."""
+    torch.manual_seed(seed)
+    wall = env.make_maze(maze_seed)
+    prompts = env.make_prompts(wall, n_prompts)
+    data = training_set(wall, prompts, paths_per_prompt, cfg.gen_len, seed).to(device)
+    model = MDM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    budget, t0, step = 60.0 * minutes, time.time(), 0
+    bar = tqdm(total=int(budget), desc="pretrain (s)", unit="s")
+    while (elapsed := time.time() - t0) < budget:
+        frac = elapsed / budget                                       # LR: warm-up then cosine on time
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * frac))
+        x1 = data[torch.randint(len(data), (batch,), device=device)]
+        x_t, mask, hazard = mask_completions(x1)
+        loss = elbo_loss(model(x_t, mask), x1, mask, hazard)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(int(time.time() - t0) - bar.n)
+        if step % 50 == 0:
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
+    bar.close()
+    info = dict(steps=step, minutes=minutes, wall_s=round(time.time() - t0), batch=batch, lr=lr,
+                paths=len(data), maze_seed=maze_seed, n_prompts=n_prompts, seed=seed)
+    if out:
+        save(model, out, pretrain=info)
+    return model, info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock pretraining budget")
+    p.add_argument("--out", default="maze/base.pt", help="where the base checkpoint is written")
+    p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint")
+    p.add_argument("--paper", action="store_true", help="the ~8.9M-parameter preset (GPU)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rollouts", type=int, default=512, help="evaluation rollouts (all prompts)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--order", choices=["confidence", "random"], default="confidence")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: gen_len)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    torch.manual_seed(a.seed)
+    if a.eval:
+        try:
+            model, ck = load(a.eval, a.device)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+    else:
+        cfg = Config(**(PAPER if a.paper else {}))
+        model, info = pretrain(cfg, a.minutes, a.batch, a.lr, seed=a.seed, device=a.device, out=a.out)
+        print(f"pretrained {n_params(model) / 1e6:.2f}M params: {info}; wrote {a.out}")
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    g = torch.Generator(a.device).manual_seed(a.seed)
+    t0 = time.time()
+    m, _, _ = evaluate(model.eval(), wall, prompts, a.rollouts // len(prompts), a.temperature,
+                       a.order, a.steps, generator=g)
+    print({k: round(v, 4) for k, v in m.items()}, f"({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

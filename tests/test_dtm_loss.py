@@ -1,0 +1,181 @@
+"""The DTM loss against exact answers: a tabular p_a over all V^L sequences, every masked state enumerated.
+
+Notation as in dtm.py / SPEC §3: x1 ~ p_a, x_t = x1 with a subset of positions masked, i a masked position.
+"""
+import itertools
+
+import pytest
+import torch
+
+from dtm import dtm_loss
+from maze.mdm import PROMPT_LEN, elbo_loss
+
+V, L = 3, 3
+MASK = V                                         # the mask token of the toy problem
+
+
+def toy(seed=0):
+    """p_a over the 27 sequences of V^L, a reward, and every (x1, mask pattern) pair."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=L)))          # (27, L)
+    p_a = torch.rand(len(seqs), generator=g, dtype=torch.float64) + 0.1
+    p_a /= p_a.sum()
+    r = torch.rand(len(seqs), generator=g, dtype=torch.float64) * 2 - 0.5    # some rewards < 0
+    patterns = torch.tensor(list(itertools.product([False, True], repeat=L)))  # (8, L)
+    return seqs, p_a, r, patterns
+
+
+def posterior(seqs, weight, x_t, i):
+    """sum_{x1 consistent with x_t} weight(x1) 1{x1^i = v} / sum weight, for v = 0..V-1."""
+    keep = ((x_t == MASK) | (seqs == x_t)).all(1)
+    num = torch.zeros(V, dtype=torch.float64).index_add(0, seqs[keep, i], weight[keep])
+    return num / weight[keep].sum()
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.37, 1.0])
+def test_weighted_mean_of_Y_phi_is_the_tilted_posterior(phi):
+    """Prop. 3.1 + eq. 17: E_a[e^{eta r} Y_phi(v) | x_t] / E_a[e^{eta r} | x_t] = p_{a+eta}(v | x_t, i)."""
+    seqs, p_a, r, patterns = toy()
+    eta = 0.8
+    tilt = torch.exp(eta * r)
+    checked = 0
+    for m in patterns:
+        for x1 in seqs:
+            x_t = torch.where(m, MASK, x1)
+            keep = ((x_t == MASK) | (seqs == x_t)).all(1)                  # X1 consistent with x_t
+            for i in torch.nonzero(m)[:, 0].tolist():
+                p_a_post = posterior(seqs, p_a, x_t, i)
+                onehot = torch.nn.functional.one_hot(seqs[keep, i], V).double()
+                Y = onehot - phi * torch.exp(-eta * r[keep])[:, None] * (onehot - p_a_post)
+                w = p_a[keep] * tilt[keep]
+                mean_Y = (w[:, None] * Y).sum(0) / w.sum()
+                exact = posterior(seqs, p_a * tilt, x_t, i)                # p_{a+eta} ∝ p_a e^{eta r}
+                torch.testing.assert_close(mean_Y, exact, rtol=0, atol=1e-12)
+                checked += 1
+    assert checked == 27 * 12                    # 27 sequences x 12 (pattern, masked position) pairs
+
+
+def batch_of_all_states(seqs, p_a, patterns):
+    """Every (x1, mask pattern) as one batch; time_weight carries p_a(x1) * P(pattern) * B."""
+    x1 = seqs.repeat_interleave(len(patterns), 0)
+    mask = patterns.repeat(len(seqs), 1)
+    prob = p_a.repeat_interleave(len(patterns)) / len(patterns)
+    x_t = torch.where(mask, MASK, x1)
+    state = (x_t * (V + 1) ** torch.arange(L)).sum(1)                      # id of x_t
+    return x1, mask, x_t, state, prob * len(x1)
+
+
+@pytest.mark.parametrize("phi", [0.0, 1.0])
+def test_minimising_expected_dtm_loss_over_free_logits_recovers_tilted_posterior(phi):
+    """Prop. 3.2: free logits per (x_t, i) that minimise E_a[dtm_loss] are log p_{a+eta}(. | x_t, i)."""
+    seqs, p_a, r, patterns = toy(1)
+    eta = 1.0
+    x1, mask, x_t, state, tw = batch_of_all_states(seqs, p_a, patterns)
+    r_b = r.repeat_interleave(len(patterns))
+    n_states = (V + 1) ** L
+    # the teacher's exact posterior at every masked position of every x_t, as logits
+    teacher = torch.zeros(n_states, L, V, dtype=torch.float64)
+    target = torch.zeros(n_states, L, V, dtype=torch.float64)
+    for b in range(len(x1)):
+        for i in torch.nonzero(mask[b])[:, 0].tolist():
+            teacher[state[b], i] = posterior(seqs, p_a, x_t[b], i).log()
+            target[state[b], i] = posterior(seqs, p_a * torch.exp(eta * r), x_t[b], i)
+    where = mask.nonzero()
+    teacher_logits = teacher[state[where[:, 0]], where[:, 1]]
+    table = torch.zeros(n_states, L, V, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([table], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = table[state[where[:, 0]], where[:, 1]]
+        # normalise=False: Z is one constant here, and E_a needs the p_a-weighted mean, not the batch's
+        loss = dtm_loss(logits, teacher_logits, x1, mask, r_b, tw, eta, phi, normalise=False)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    learned = torch.softmax(table.detach()[state[where[:, 0]], where[:, 1]], -1)
+    exact = target[state[where[:, 0]], where[:, 1]]
+    torch.testing.assert_close(learned, exact, rtol=0, atol=1e-6)
+    assert (exact - torch.softmax(teacher_logits, -1)).abs().max() > 0.05  # the tilt moved it
+
+
+def random_batch(B=6, T=PROMPT_LEN + 5, V=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randint(V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[:, :PROMPT_LEN] = False
+    mask[:, -1] = True                                                     # every row counts somewhere
+    N = int(mask.sum())
+    logits = torch.randn(N, V, generator=g, dtype=dtype)
+    reward = torch.randn(B, generator=g, dtype=dtype)
+    tw = torch.rand(B, generator=g, dtype=dtype) + 0.5
+    group = torch.tensor([0, 0, 1, 1, 1, 2])[:B]
+    return x1, mask, logits, reward, tw, group
+
+
+def grad_of_loss(eta, phi, teacher_offset=0.0):
+    x1, mask, logits, reward, tw, group = random_batch()
+    student = logits.clone().requires_grad_(True)
+    dtm_loss(student, logits + teacher_offset, x1, mask, reward, tw, eta, phi, group).backward()
+    return student.grad
+
+
+def test_phi1_eta0_gradient_is_zero_at_teacher():
+    """eta = 0, phi = 1: the target is p_a itself, so at p_theta = p_a the gradient vanishes."""
+    assert grad_of_loss(eta=0.0, phi=1.0).abs().max() < 1e-12
+    # ...and it could fail: a tilt, no control variate or a different teacher all move the student
+    assert grad_of_loss(eta=0.5, phi=1.0).abs().max() > 1e-3
+    assert grad_of_loss(eta=0.0, phi=0.0).abs().max() > 1e-3
+    assert grad_of_loss(eta=0.0, phi=1.0, teacher_offset=torch.randn(1, 7).double()).abs().max() > 1e-3
+
+
+def test_phi0_eta0_equals_the_elbo():
+    """With no tilt and no control variate DTM is the MDM's ELBO (eq. 5) with the same hazard."""
+    x1, mask, logits, _, _, _ = random_batch(dtype=torch.float32)
+    hazard = torch.rand(len(x1)) * 3 + 1
+    L = x1.shape[1] - PROMPT_LEN
+    ours = dtm_loss(logits, None, x1, mask, torch.randn(len(x1)), hazard / L, eta=0.0, phi=0.0)
+    torch.testing.assert_close(ours, elbo_loss(logits, x1, mask, hazard))
+
+
+def test_phi0_is_reward_weighted_elbo_with_per_group_Z():
+    """phi = 0: each sequence's NLL is weighted by e^{eta r} / Z, Z = mean e^{eta r} of its group."""
+    x1, mask, logits, reward, tw, group = random_batch()
+    eta = 0.7
+    ours = dtm_loss(logits, None, x1, mask, reward, tw, eta, 0.0, group)
+    nll = torch.nn.functional.cross_entropy(logits, x1[mask], reduction="none")
+    seq = mask.nonzero()[:, 0]
+    expected = 0.0
+    for b in range(len(x1)):
+        same = group == group[b]
+        w = torch.exp(eta * reward[b]) / torch.exp(eta * reward[same]).mean()
+        expected += w * tw[b] * nll[seq == b].sum()
+    torch.testing.assert_close(ours, expected / len(x1), rtol=1e-12, atol=0)
+
+
+def test_phi0_weights_are_invariant_to_a_constant_added_to_the_reward():
+    x1, mask, logits, reward, tw, group = random_batch()
+    before = dtm_loss(logits, None, x1, mask, reward, tw, 0.9, 0.0, group)
+    after = dtm_loss(logits, None, x1, mask, reward + 37.0, tw, 0.9, 0.0, group)
+    torch.testing.assert_close(before, after, rtol=1e-12, atol=0)
+    # without Z the shift changes the loss, so the invariance above is Z's doing
+    raw = dtm_loss(logits, None, x1, mask, reward + 37.0, tw, 0.9, 0.0, group, normalise=False)
+    assert not torch.isclose(raw, before)
+
+
+def test_phi1_control_variate_is_not_shift_invariant():
+    """Eq. 16-17 as written: the distillation weight is phi / Z, and Z scales by e^{eta c} when c is
+    added to r. So phi = 1 assumes e^{eta r} ~ 1 (rewards near 0); this pins that paper behaviour."""
+    x1, mask, logits, reward, tw, group = random_batch()
+    before = dtm_loss(logits, logits.flip(-1), x1, mask, reward, tw, 0.9, 1.0, group)
+    after = dtm_loss(logits, logits.flip(-1), x1, mask, reward + 3.0, tw, 0.9, 1.0, group)
+    assert not torch.isclose(before, after)
+
+
+@pytest.mark.parametrize("phi", [0.0, 1.0])
+def test_huge_tilts_stay_finite(phi):
+    """log-sum-exp keeps e^{eta r} / Z finite where e^{eta r} alone (here e^{5000}) would overflow."""
+    x1, mask, logits, reward, tw, group = random_batch(dtype=torch.float32)
+    assert torch.isfinite(dtm_loss(logits, logits, x1, mask, reward.abs() * 1e3, tw, 5.0, phi, group))
