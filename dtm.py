@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from maze import env
 from maze.mdm import (PROMPT_LEN, CheckpointError, Config, elbo_loss, evaluate, load,
-                      mask_completions, pretrain, sample, save)
+                      mask_completions, pretrain, save)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
 
@@ -96,13 +96,16 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
 
 # ----------------------------------------------------------------------------- the replay buffer
 def rollouts(teacher, prompts, per_prompt, args, wall, gen):
-    """Teacher rollouts for every prompt: x1 (P, per_prompt, T) and rewards (P, per_prompt)."""
+    """Teacher rollouts for every prompt, scored.
+
+    Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt), and the metrics dict.
+    """
     P = len(prompts)
-    pr = torch.as_tensor(prompts).repeat_interleave(per_prompt, 0)
-    comp = sample(teacher, pr, args.sample_steps, args.temperature, args.order, gen)
-    _, r, _ = env.score(wall, comp.cpu().numpy(), pr.numpy())
-    x1 = torch.cat([pr, torch.full((len(pr), 1), env.SEP), comp.cpu()], 1)
-    return x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt)
+    metrics, comp, ids, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature,
+                                     args.order, args.sample_steps, generator=gen)
+    pr = torch.as_tensor(prompts)[torch.as_tensor(ids)]
+    x1 = torch.cat([pr, torch.full((len(pr), 1), env.SEP), torch.as_tensor(comp)], 1)
+    return x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt), metrics
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -112,7 +115,7 @@ def run(args):
     gen = torch.Generator().manual_seed(args.seed)
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
-    P = len(prompts)
+    P, M = len(prompts), args.rollouts_per_prompt
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
     if args.resume and os.path.isfile(state_path):
@@ -122,8 +125,8 @@ def run(args):
         print(f"resumed from {state_path} after phase {start}")
     else:
         if args.base is None and not os.path.isfile(DEFAULT_BASE):
-            print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_minutes} min)")
-            model, _ = pretrain(Config(), args.pretrain_minutes, device=args.device, out=DEFAULT_BASE)
+            print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_steps} steps)")
+            model, _ = pretrain(Config(), args.pretrain_steps, device=args.device, out=DEFAULT_BASE)
         else:
             model, _ = load(args.base or DEFAULT_BASE, args.device)
         history, start = [], 0
@@ -131,23 +134,22 @@ def run(args):
     a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
 
     def measure(a, extra):
+        """Rollouts of the current model: its metrics now, and the next phase's replay buffer."""
         t0 = time.time()
-        m, x, ids = evaluate(model.eval(), wall, prompts, args.eval_per_prompt, args.temperature,
-                             args.order, args.sample_steps, generator=gen)
-        history.append(dict(a=round(a, 6), **m, eval_s=round(time.time() - t0, 1), **extra))
-        np.save(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"), x)
-        tqdm.write(f"a={a:.2f}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        x1, r, m = rollouts(model, prompts, M, args, wall, gen)
+        np.save(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"), x1[:, :, PROMPT_LEN:].flatten(0, 1).numpy())
+        if not (history and history[-1]["a"] == a):                   # a resumed run re-samples only
+            history.append(dict(a=round(a, 6), **m, eval_s=round(time.time() - t0, 1), **extra))
+            tqdm.write(f"a={a:.2f}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        return x1, r
 
-    if not history:
-        measure(0.0, {})
+    x1_buf, r_buf = measure(a_grid[start], {})
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
         t0 = time.time()
         # 1. freeze the teacher p_a = the model at the start of the phase
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        # 2. fill the replay buffer with teacher rollouts (x1, r), M per prompt
-        M = args.buffer_per_prompt
-        x1_buf, r_buf = rollouts(teacher, prompts, M, args, wall, gen)
+        # 2. the replay buffer (x1, r): M rollouts per prompt of p_a, the ones just measured
         # 3. a fresh optimiser per phase (as the authors' code resets Adam at each phase)
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
         model.train()
@@ -158,7 +160,7 @@ def run(args):
             if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
                 n_new = max(1, round(args.refresh_fraction * M))
                 slots = torch.randperm(M, generator=gen)[:n_new]
-                x1_buf[:, slots], r_buf[:, slots] = rollouts(teacher, prompts, n_new, args, wall, gen)
+                x1_buf[:, slots], r_buf[:, slots], _ = rollouts(teacher, prompts, n_new, args, wall, gen)
             # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
             j = torch.randint(M, (P, args.batch // P), generator=gen)
             rows = torch.arange(P)[:, None].expand_as(j)
@@ -184,13 +186,11 @@ def run(args):
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        measure(a, dict(loss=float(np.mean(losses)), buffer_reward=float(r_buf.mean()),
-                        train_s=round(time.time() - t0, 1)))
+        train_s = round(time.time() - t0, 1)
+        x1_buf, r_buf = measure(a, dict(loss=float(np.mean(losses)), train_s=train_s))
         save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(history, f, indent=1)
     plot(history, wall, prompts, args)
     return history
 
@@ -277,19 +277,20 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=64, help="sequences per step (a multiple of the 8 prompts)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--buffer_per_prompt", type=int, default=16, help="replay buffer rollouts per prompt")
-    p.add_argument("--refresh_every", type=int, default=15, help="steps between buffer refreshes")
+    p.add_argument("--rollouts_per_prompt", type=int, default=16,
+                   help="replay buffer size per prompt; also the rollouts measured after each phase")
+    p.add_argument("--refresh_every", type=int, default=20, help="steps between buffer refreshes")
     p.add_argument("--refresh_fraction", type=float, default=0.25, help="fraction of the buffer refreshed")
-    p.add_argument("--eval_per_prompt", type=int, default=16, help="evaluation rollouts per prompt per phase")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, eval)")
-    p.add_argument("--order", choices=["confidence", "random"], default="confidence", help="unmasking order")
-    p.add_argument("--sample_steps", type=int, default=32, help="sampler steps for the 64 tokens")
+    p.add_argument("--order", choices=["random", "confidence"], default="random",
+                   help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
+    p.add_argument("--sample_steps", type=int, default=None, help="sampler steps (default: one per token)")
     p.add_argument("--weighting", choices=["paper", "released"], default="paper",
                    help="paper: hazard/L time weight and per-prompt Z; released: mean over masked "
                         "tokens, raw e^{eta r}, r clipped at 0 (the authors' code)")
     p.add_argument("--base", default=None,
                    help=f"base checkpoint; default {DEFAULT_BASE}, pretrained first if it is missing")
-    p.add_argument("--pretrain_minutes", type=float, default=20.0, help="budget if the base is missing")
+    p.add_argument("--pretrain_steps", type=int, default=2400, help="pretraining steps if the base is missing")
     p.add_argument("--out", default="runs/dtm", help="metrics.json, rollouts and state.pt go here")
     p.add_argument("--figures", default="figures", help="where the figures are written")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt after its last phase")
@@ -304,8 +305,8 @@ def parse(argv=None):
         problems.append(f"--phi must be in [0, 1] (got {args.phi})")
     if not args.a_max > 0:
         problems.append(f"--a_max must be > 0 (got {args.a_max})")
-    if args.steps_per_phase < 1 or args.batch < 8 or args.buffer_per_prompt < 1 or args.refresh_every < 1:
-        problems.append("--steps_per_phase, --refresh_every and --buffer_per_prompt must be >= 1, --batch >= 8")
+    if args.steps_per_phase < 1 or args.batch < 8 or args.rollouts_per_prompt < 1 or args.refresh_every < 1:
+        problems.append("--steps_per_phase, --refresh_every, --rollouts_per_prompt must be >= 1, --batch >= 8")
     if problems:
         p.error("; ".join(problems))
     return args

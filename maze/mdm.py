@@ -11,7 +11,7 @@ What a masked diffusion model changes from a GPT, marked [NEW] below:
 Maze-specific: a cell token's embedding is a free vector plus a row and a column embedding, and the
 output layer is tied to it, so the net starts with a sense of which cells are near each other.
 
-    python -m maze.mdm --minutes 20 --out maze/base.pt     # pretrain the base model on the CPU
+    python -m maze.mdm --out maze/base.pt                   # pretrain the base model (~20 min, 2 cores)
     python -m maze.mdm --eval maze/base.pt                  # validity / reward of 512 rollouts
 """
 import argparse
@@ -155,7 +155,7 @@ def elbo_loss(logits, x1, mask, hazard):
 
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample(model, prompts, steps=None, temperature=1.0, order="confidence", generator=None):
+def sample(model, prompts, steps=None, temperature=1.0, order="random", generator=None):
     """Run the reverse process from a fully masked completion. prompts (B, 2) -> completions (B, L).
 
     Each of `steps` steps reveals an equal share of the L tokens (the remainder in the earliest
@@ -201,9 +201,12 @@ def sample(model, prompts, steps=None, temperature=1.0, order="confidence", gene
     return x[:, PROMPT_LEN:]
 
 
-def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="confidence", steps=None,
+def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", steps=None,
              batch=512, generator=None):
-    """Sample `per_prompt` rollouts for each prompt and score them. Returns (dict of metrics, x, ids)."""
+    """Sample `per_prompt` rollouts for each prompt and score them.
+
+    Returns (metrics dict, completions (B, L), prompt index (B,), reward (B,)), grouped by prompt.
+    """
     ids = np.repeat(np.arange(len(prompts)), per_prompt)
     P = np.asarray(prompts)[ids]
     xs = [sample(model, P[i:i + batch], steps, temperature, order, generator).cpu().numpy()
@@ -213,7 +216,7 @@ def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="confidenc
     distinct, cells = env.diversity(x, ids, valid)
     metrics = dict(validity=float(valid.mean()), reward=float(reward.mean()),
                    distinct_valid_per_prompt=distinct, cells_covered_per_prompt=cells)
-    return metrics, x, ids
+    return metrics, x, ids, reward
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -252,21 +255,20 @@ def training_set(wall, prompts, per_prompt, gen_len, seed=0, sigma=1.25):
     return torch.from_numpy(np.stack(rows))
 
 
-def pretrain(cfg, minutes, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, device="cpu",
+def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, device="cpu",
              out=None, maze_seed=0, n_prompts=8):
-    """Train the base MDM with the ELBO for a fixed wall-clock budget (cosine LR over that budget)."""
+    """Train the base MDM with the ELBO (eq. 5): AdamW, 200 warm-up steps, then cosine decay."""
     torch.manual_seed(seed)
     wall = env.make_maze(maze_seed)
     prompts = env.make_prompts(wall, n_prompts)
     data = training_set(wall, prompts, paths_per_prompt, cfg.gen_len, seed).to(device)
     model = MDM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    budget, t0, step = 60.0 * minutes, time.time(), 0
-    bar = tqdm(total=int(budget), desc="pretrain (s)", unit="s")
-    while (elapsed := time.time() - t0) < budget:
-        frac = elapsed / budget                                       # LR: warm-up then cosine on time
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="pretrain")
+    for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / 200) * 0.5 * (1 + math.cos(math.pi * frac))
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x1 = data[torch.randint(len(data), (batch,), device=device)]
         x_t, mask, hazard = mask_completions(x1)
         loss = elbo_loss(model(x_t, mask), x1, mask, hazard)
@@ -274,12 +276,9 @@ def pretrain(cfg, minutes, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, de
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        step += 1
-        bar.update(int(time.time() - t0) - bar.n)
         if step % 50 == 0:
-            bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
-    bar.close()
-    info = dict(steps=step, minutes=minutes, wall_s=round(time.time() - t0), batch=batch, lr=lr,
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    info = dict(steps=steps, wall_s=round(time.time() - t0), batch=batch, lr=lr,
                 paths=len(data), maze_seed=maze_seed, n_prompts=n_prompts, seed=seed)
     if out:
         save(model, out, pretrain=info)
@@ -288,7 +287,7 @@ def pretrain(cfg, minutes, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, de
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).")
-    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock pretraining budget")
+    p.add_argument("--steps", type=int, default=2400, help="pretraining steps (~20 min on 2 CPU cores)")
     p.add_argument("--out", default="maze/base.pt", help="where the base checkpoint is written")
     p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint")
     p.add_argument("--paper", action="store_true", help="the ~8.9M-parameter preset (GPU)")
@@ -296,8 +295,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rollouts", type=int, default=512, help="evaluation rollouts (all prompts)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--order", choices=["confidence", "random"], default="confidence")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: gen_len)")
+    p.add_argument("--order", choices=["random", "confidence"], default="random",
+                   help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
+    p.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: gen_len)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
@@ -309,14 +309,14 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     else:
         cfg = Config(**(PAPER if a.paper else {}))
-        model, info = pretrain(cfg, a.minutes, a.batch, a.lr, seed=a.seed, device=a.device, out=a.out)
+        model, info = pretrain(cfg, a.steps, a.batch, a.lr, seed=a.seed, device=a.device, out=a.out)
         print(f"pretrained {n_params(model) / 1e6:.2f}M params: {info}; wrote {a.out}")
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
     g = torch.Generator(a.device).manual_seed(a.seed)
     t0 = time.time()
-    m, _, _ = evaluate(model.eval(), wall, prompts, a.rollouts // len(prompts), a.temperature,
-                       a.order, a.steps, generator=g)
+    m = evaluate(model.eval(), wall, prompts, a.rollouts // len(prompts), a.temperature,
+                       a.order, a.sample_steps, generator=g)[0]
     print({k: round(v, 4) for k, v in m.items()}, f"({time.time() - t0:.1f}s)")
 
 
