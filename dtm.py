@@ -275,7 +275,7 @@ def parse(argv=None):
     p.add_argument("--a_max", type=float, default=1.0, help="final tilt a")
     p.add_argument("--steps_per_phase", type=int, default=60, help="optimiser steps per phase")
     p.add_argument("--batch", type=int, default=64, help="sequences per step (a multiple of the 8 prompts)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (3e-4 degraded validity)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--rollouts_per_prompt", type=int, default=16,
                    help="replay buffer size per prompt; also the rollouts measured after each phase")

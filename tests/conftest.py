@@ -1,7 +1,7 @@
 """Shared pytest set-up: the repository root on sys.path, and the `slow` marker.
 
-    python -m pytest              # the default run (fast tests, < 10 min on 2 CPU cores)
-    python -m pytest -m slow      # the end-to-end runs as well
+    python -m pytest              # the default run: fast tests only (< 10 min on 2 CPU cores)
+    python -m pytest -m slow      # the end-to-end runs (several minutes each)
 """
 import os
 import sys
@@ -10,4 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs, left out of the default run")
+    config.addinivalue_line("markers", "slow: end-to-end runs, left out unless -m slow is given")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.option.markexpr:                       # the user chose with -m: respect it
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if "slow" not in item.keywords]
