@@ -11,7 +11,7 @@ What a masked diffusion model changes from a GPT, marked [NEW] below:
 Maze-specific: a cell token's embedding is a free vector plus a row and a column embedding, and the
 output layer is tied to it, so the net starts with a sense of which cells are near each other.
 
-    python -m maze.mdm --out maze/base.pt                   # pretrain the base model (~20 min, 2 cores)
+    python -m maze.mdm --out maze/base.pt                   # pretrain the base model (1332 s measured)
     python -m maze.mdm --eval maze/base.pt                  # validity / reward of 512 rollouts
 """
 import argparse
@@ -43,7 +43,7 @@ class Config:
     dropout: float = 0.0
 
 
-PAPER = dict(n_layer=8, n_head=8, d_model=288)   # --paper: ~8.9M parameters like the paper's base
+PAPER = dict(n_layer=8, n_head=8, d_model=288)   # --paper: 8.5M parameters (the paper's base: 8.9M)
 
 
 class Block(nn.Module):
@@ -287,10 +287,10 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).")
-    p.add_argument("--steps", type=int, default=2400, help="pretraining steps (~20 min on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=2400, help="pretraining steps (1332 s measured on 2 CPU cores)")
     p.add_argument("--out", default="maze/base.pt", help="where the base checkpoint is written")
     p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint")
-    p.add_argument("--paper", action="store_true", help="the ~8.9M-parameter preset (GPU)")
+    p.add_argument("--paper", action="store_true", help="the 8.5M-parameter preset, near the paper's 8.9M (GPU)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rollouts", type=int, default=512, help="evaluation rollouts (all prompts)")
@@ -316,7 +316,7 @@ def main(argv=None):
     g = torch.Generator(a.device).manual_seed(a.seed)
     t0 = time.time()
     m = evaluate(model.eval(), wall, prompts, a.rollouts // len(prompts), a.temperature,
-                       a.order, a.sample_steps, generator=g)[0]
+                 a.order, a.sample_steps, generator=g)[0]
     print({k: round(v, 4) for k, v in m.items()}, f"({time.time() - t0:.1f}s)")
 
 
