@@ -212,11 +212,17 @@ def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", 
     xs = [sample(model, P[i:i + batch], steps, temperature, order, generator).cpu().numpy()
           for i in range(0, len(P), batch)]
     x = np.concatenate(xs)
-    valid, reward, _ = env.score(wall, x, P)
+    metrics, reward = rollout_metrics(wall, prompts, x, ids)
+    return metrics, x, ids, reward
+
+
+def rollout_metrics(wall, prompts, x, ids):
+    """Validity, mean reward and diversity of completions x (B, L) of prompts[ids]; and each reward."""
+    valid, reward, _ = env.score(wall, x, np.asarray(prompts)[ids])
     distinct, cells = env.diversity(x, ids, valid)
     metrics = dict(validity=float(valid.mean()), reward=float(reward.mean()),
                    distinct_valid_per_prompt=distinct, cells_covered_per_prompt=cells)
-    return metrics, x, ids, reward
+    return metrics, reward
 
 
 # ----------------------------------------------------------------------------- checkpoints

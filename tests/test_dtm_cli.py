@@ -13,7 +13,8 @@ from maze.mdm import MDM, Config, load, sample, save
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--a_max", "0.2", "--eta", "0.1", "--steps_per_phase", "3", "--batch", "16",
-        "--rollouts_per_prompt", "2", "--refresh_every", "2", "--sample_steps", "4"]
+        "--rollouts_per_prompt", "2", "--refresh_every", "2", "--sample_steps", "4",
+        "--end_rollouts_per_prompt", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_smoke_run_writes_metrics_and_figures(tiny_base, tmp_path):
     for h in saved:
         assert 0 <= h["validity"] <= 1 and -1 <= h["reward"] <= 2
     assert all(k in saved[-1] for k in ("loss", "distinct_valid_per_prompt", "cells_covered_per_prompt"))
-    for name in ("rollouts_phi1_eta0.1.png", "curves_phi1_eta0.1.png"):
+    assert saved[0]["end_rollouts"] == saved[-1]["end_rollouts"] == 3 * 8 and "end_rollouts" not in saved[1]
+    for name in ("rollouts_phi1_eta0.1.png", "curves_phi1_eta0.1.png", "rollouts_phi1_eta0.1.gif"):
         assert os.path.getsize(os.path.join(figs, name)) > 10_000
     model, ck = load(os.path.join(out, "state.pt"))
     assert len(ck["history"]) == 3
@@ -117,13 +119,13 @@ def test_sampler_reveals_an_even_share_per_step_remainder_first(tiny_base, steps
 
 @pytest.mark.slow
 def test_main_command_on_the_committed_base_improves_reward_and_validity(tmp_path):
-    """`python dtm.py --phi 1 --eta 0.1` end to end (710 s measured, cores shared): the done-criteria."""
+    """`python dtm.py --phi 1 --eta 0.1` end to end (429 s measured): the done-criteria."""
     out = str(tmp_path / "run")
     res = run_cli("--out", out, "--figures", str(tmp_path / "figs"))
     assert res.returncode == 0, res.stderr[-2000:]
     with open(os.path.join(out, "metrics.json")) as f:
         h = json.load(f)
-    base, final = h[0], h[-1]
-    assert final["a"] == pytest.approx(1.0) and len(h) == 11
-    assert final["reward"] > base["reward"] and final["validity"] > base["validity"]
-    assert final["distinct_valid_per_prompt"] >= 0.5 * base["distinct_valid_per_prompt"]
+    base, final = h[0], h[-1]                                 # 512 rollouts each: the end_ metrics
+    assert final["a"] == pytest.approx(1.0) and len(h) == 11 and final["end_rollouts"] == 512
+    assert final["end_reward"] > base["end_reward"] and final["end_validity"] > base["end_validity"]
+    assert final["end_distinct_valid_per_prompt"] >= 0.5 * base["end_distinct_valid_per_prompt"]

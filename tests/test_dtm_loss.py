@@ -179,3 +179,22 @@ def test_huge_tilts_stay_finite(phi):
     """log-sum-exp keeps e^{eta r} / Z finite where e^{eta r} alone (here e^{5000}) would overflow."""
     x1, mask, logits, reward, tw, group = random_batch(dtype=torch.float32)
     assert torch.isfinite(dtm_loss(logits, logits, x1, mask, reward.abs() * 1e3, tw, 5.0, phi, group))
+
+
+def test_phi1_loss_is_unbounded_below_when_e_eta_r_is_below_phi():
+    """One masked token, phi = 1: its target is (p_a + (e^{eta r} - 1) onehot(x1)) / Z. With r < 0 and a
+    sampled token that p_a finds rare (p_a(x1) < 1 - e^{eta r}), that entry is negative, and lowering
+    the student's logit of x1 lowers the loss without end. With r >= 0 the same move raises it."""
+    x1 = torch.tensor([[0, 0, 0, 0]])                  # the prompt, then one completion token
+    mask = torch.tensor([[False] * PROMPT_LEN + [True]])
+    teacher = torch.tensor([[0.05, 0.50, 0.45]], dtype=torch.float64).log()
+    tw = torch.ones(1, dtype=torch.float64)
+
+    def loss(logit_of_x1, r):
+        student = teacher.clone()
+        student[0, 0] = logit_of_x1
+        return dtm_loss(student, teacher, x1, mask, torch.tensor([r], dtype=torch.float64), tw, 1.0, 1.0).item()
+    down = [loss(v, -1.0) for v in (-5.0, -50.0, -500.0)]
+    assert down[0] > down[1] > down[2] and down[2] < -100
+    up = [loss(v, 0.5) for v in (-5.0, -50.0, -500.0)]
+    assert up[0] < up[1] < up[2]
