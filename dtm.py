@@ -151,8 +151,10 @@ def run(args):
         x1, r, m_all = rollouts(model, prompts, n, args, wall, gen)
         np.save(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"), x1[:, :, PROMPT_LEN:].flatten(0, 1).numpy())
         # metrics of the first M per prompt, comparable across phases; of all n as well at the ends
-        m = rollout_metrics(wall, prompts, x1[:, :M, PROMPT_LEN:].flatten(0, 1).numpy(), np.repeat(np.arange(P), M))[0]
+        m = m_all
         if n > M:
+            m = rollout_metrics(wall, prompts, x1[:, :M, PROMPT_LEN:].flatten(0, 1).numpy(),
+                                np.repeat(np.arange(P), M))[0]
             m.update({f"end_{k}": v for k, v in m_all.items()}, end_rollouts=n * P)
         if not (history and history[-1]["a"] == a):                   # a resumed run re-samples only
             history.append(dict(a=round(a, 6), **m, eval_s=round(time.time() - t0, 1), **extra))

@@ -76,37 +76,28 @@ def sample(table, n, generator=None):
 # every non-empty mask pattern, and its ELBO weight: the chance that, in a random order, the revealed
 # set is exactly the complement and position i comes next, (k-1)! (L-k)! / L! for k masked positions
 PATTERNS = torch.tensor(list(itertools.product([False, True], repeat=L)))[1:]        # (2^L - 1, L)
-_k = PATTERNS.sum(1)
 ELBO_WEIGHT = torch.tensor([math.factorial(k - 1) * math.factorial(L - k) / math.factorial(L)
-                            for k in _k.tolist()], dtype=torch.float64)
+                            for k in PATTERNS.sum(1).tolist()], dtype=torch.float64)
 
 
 def masked_batch(x1):
-    """Every masking of every x1 (n, L): x1 repeated, x_t, mask and the ELBO weight per row."""
+    """Every masking of every x1 (n, L): x1 repeated, the mask, the ELBO weight per row, and the
+    table cells (state, position) of the masked tokens in row-major order (student[cells] are the logits)."""
     n, P = len(x1), len(PATTERNS)
     mask = PATTERNS.repeat(n, 1)
     x1r = x1.repeat_interleave(P, 0)
-    return x1r, torch.where(mask, MASK, x1r), mask, ELBO_WEIGHT.repeat(n)
-
-
-def loss_terms(student, teacher, x1, r, eta, phi):
-    """dtm_loss of the table `student` over every masking of the rollouts x1 with rewards r."""
-    x1r, x_t, mask, w = masked_batch(x1)
-    s = index(x_t)[:, None].expand_as(mask)[mask]
-    pos = torch.arange(L).expand_as(mask)[mask]
-    return dtm_loss(student[s, pos], teacher[s, pos], x1r, mask, r.repeat_interleave(len(PATTERNS)), w,
-                    eta, phi)
+    state = index(torch.where(mask, MASK, x1r))
+    cells = (state[:, None].expand_as(mask)[mask], torch.arange(L).expand_as(mask)[mask])
+    return x1r, mask, ELBO_WEIGHT.repeat(n), cells
 
 
 def expected_loss(student, teacher, p_a, r_of, eta, phi):
     """The DTM loss in exact expectation: x1 ~ p_a over all V^L sequences, every masking with its
     ELBO weight, and the exact Z = E_a[e^{eta r}] (eq. 16 with nothing sampled)."""
-    x1r, x_t, mask, w = masked_batch(X)
+    x1r, mask, w, cells = masked_batch(X)
     P = len(PATTERNS)
-    s = index(x_t)[:, None].expand_as(mask)[mask]
-    pos = torch.arange(L).expand_as(mask)[mask]
     Z = (p_a * torch.exp(eta * r_of)).sum()
-    loss = dtm_loss(student[s, pos], teacher[s, pos], x1r, mask, r_of.repeat_interleave(P),
+    loss = dtm_loss(student[cells], teacher[cells], x1r, mask, r_of.repeat_interleave(P),
                     w * p_a.repeat_interleave(P), eta, phi, normalise=False)
     return loss * len(x1r) / Z                                         # dtm_loss divides by the rows
 
@@ -114,14 +105,15 @@ def expected_loss(student, teacher, p_a, r_of, eta, phi):
 def dtm_phase(teacher, r_of, n, eta, phi, generator=None, iters=60):
     """One DTM phase: n rollouts of the teacher, then minimise the loss over the free table."""
     x1 = sample(teacher, n, generator)
-    r = r_of[seq_index(x1)]
+    x1r, mask, w, cells = masked_batch(x1)                             # fixed for the whole phase
+    r, teacher_logits = r_of[seq_index(x1r)], teacher[cells]
     student = teacher.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([student], lr=1, max_iter=iters, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-12, tolerance_change=1e-14)
 
     def closure():
         opt.zero_grad()
-        loss = loss_terms(student, teacher, x1, r, eta, phi)
+        loss = dtm_loss(student[cells], teacher_logits, x1r, mask, r, w, eta, phi)
         loss.backward()
         return loss
     opt.step(closure)
@@ -140,9 +132,7 @@ def gradient_variance(table, r_of, eta, phi, n, generator=None):
     mean_n |g_n - mean g|^2. Same rollouts and states for every (eta, phi) given the same generator.
     """
     x1 = sample(table, n, generator)
-    x1r, x_t, mask, w = masked_batch(x1)
-    s = index(x_t)[:, None].expand_as(mask)[mask]
-    pos = torch.arange(L).expand_as(mask)[mask]
+    x1r, mask, w, (s, pos) = masked_batch(x1)
     logits = table[s, pos].clone().requires_grad_(True)
     loss = dtm_loss(logits, table[s, pos], x1r, mask, r_of[seq_index(x1r)], w, eta, phi)
     (g,) = torch.autograd.grad(loss * n, logits)                       # (tokens, V), one rollout's share each
