@@ -7,9 +7,10 @@ and, in each phase, trains the unmasking posteriors p_theta(. | x_t, i) with a w
 cross-entropy whose unique minimiser is the posterior of p_{a+eta}, using only rollouts of the
 frozen model p_a (the "teacher") and their rewards. The control variate phi cuts its variance.
 
-    python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures (429 s)
+    python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures (592 s)
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
+    python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1}, equal compute
     python dtm.py --help
 """
 import argparse
@@ -33,8 +34,20 @@ DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", 
 
 
 # ----------------------------------------------------------------------------- the loss
+def group_log_mean_exp(x, group=None):
+    """log((1/n_g) sum_{b in g} e^{x_b}) for the group g of each b, stably (log-sum-exp).
+    x (B,); group (B,) ids, None: one group. With x = eta r it is log Z, Z = E_a[e^{eta r}]."""
+    g = torch.zeros(len(x), dtype=torch.long, device=x.device) if group is None \
+        else torch.unique(group, return_inverse=True)[1]
+    G = int(g.max()) + 1
+    m = torch.full((G,), -math.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, g, x, "amax")
+    s = torch.zeros(G, dtype=x.dtype, device=x.device).index_add(0, g, torch.exp(x - m[g]))
+    n = torch.bincount(g, minlength=G).to(x.dtype)
+    return (m + s.log() - n.log())[g]
+
+
 def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, group=None,
-             normalise=True):
+             normalise=True, log_Z=None):
     """phi-DTM loss (eq. 16) with the control-variate target of eq. 17.
 
     logits         (N, V) student logits at the N True entries of `mask`, row-major (= head(h[mask]))
@@ -45,6 +58,8 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     time_weight    (B,)   per-sequence weight, e.g. the hazard lambda(t) / L (the ELBO's form)
     group          (B,)   ids sharing one Z (e.g. the prompt); None: the whole batch
     normalise      divide by Z (the paper); False uses e^{eta r} raw (the authors' released code)
+    log_Z          (B,)   log Z per sequence, estimated by the caller (e.g. over a whole replay
+                          buffer); overrides group and normalise
     Returns (1/B) * sum_b time_weight_b * sum_{i in mask_b} loss_i.
 
     Derivation (SPEC §3). Masking x1 -> x_t does not depend on the tilt, so for any F (eq. 11-13)
@@ -62,7 +77,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     phi = 0: reward-weighted ELBO.  phi = 1, eta -> 0: pure distillation of p_a, whose gradient at
     p_theta = p_a is zero, so the noise of the one-hot target cancels (Prop. 3.3: lower variance).
     Z = E_a[e^{eta r}] is estimated per group in the batch, in log space:
-        log(1/Z_g) = log n_g - logsumexp_{b in g}(eta r_b).
+        log(1/Z_g) = log n_g - logsumexp_{b in g}(eta r_b)               (group_log_mean_exp)
     Notes. The distillation weight phi / Z is not invariant to adding c to r (Z scales by e^{eta c}),
     though the minimiser is. Where e^{eta r} < phi the NLL weight is negative: a token seen once with
     p_a(x1^i) < 1 - e^{eta r} / phi then has a negative target, and the loss is unbounded below in its
@@ -72,14 +87,10 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     B = x1.shape[0]
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
     er = eta * reward.to(dt)                                           # (B,)
-    if normalise:
-        g = torch.zeros(B, dtype=torch.long, device=x1.device) if group is None \
-            else torch.unique(group, return_inverse=True)[1]
-        G = int(g.max()) + 1
-        m = torch.full((G,), -math.inf, dtype=dt, device=x1.device).scatter_reduce(0, g, er, "amax")
-        s = torch.zeros(G, dtype=dt, device=x1.device).index_add(0, g, torch.exp(er - m[g]))
-        n = torch.bincount(g, minlength=G).to(er.dtype)
-        log_inv_Z = (n.log() - m - s.log())[g]                          # (B,) log(1/Z) per sequence
+    if log_Z is not None:                                              # Z estimated by the caller
+        log_inv_Z = -log_Z.to(dt)
+    elif normalise:
+        log_inv_Z = -group_log_mean_exp(er, group)                     # (B,) log(1/Z) per sequence
     else:
         log_inv_Z = torch.zeros_like(er)
     w_nll = torch.exp(er + log_inv_Z) - phi * torch.exp(log_inv_Z)     # (e^{eta r} - phi) / Z
@@ -266,6 +277,58 @@ def plot(history, wall, prompts, args):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- the phi x eta ablation
+def sweep(args):
+    """Paper Fig. 2/5: phi in {0, 1} x eta in --sweep_etas, at equal compute. Every run takes
+    --sweep_steps optimiser steps in all, split evenly over its a_max / eta phases (so a smaller eta
+    gets fewer steps per phase, as in the paper). Each run writes to OUT/phi*_eta*/ (--resume goes on
+    there); the sweep writes OUT/sweep.json, OUT/sweep.md (a table) and FIGURES/sweep.png."""
+    results, runs = [], []
+    for phi in (0.0, 1.0):
+        for eta in args.sweep_etas:
+            sub = copy.copy(args)
+            sub.phi, sub.eta = phi, eta
+            sub.steps_per_phase = max(1, round(args.sweep_steps * eta / args.a_max))
+            sub.out = sub.figures = os.path.join(args.out, f"phi{phi:g}_eta{eta:g}")
+            t0 = time.time()
+            history = run(sub)
+            h0, h1 = history[0], history[-1]
+            end = lambda h, k: h.get(f"end_{k}", h[k])                              # noqa: E731
+            results.append(dict(phi=phi, eta=eta, steps_per_phase=sub.steps_per_phase,
+                                seconds=round(time.time() - t0), rollouts=h1.get("end_rollouts"),
+                                **{k: end(h1, k) for k in ("validity", "reward", "distinct_valid_per_prompt")},
+                                base_validity=end(h0, "validity")))
+            runs.append((sub, h1["a"]))
+            tqdm.write(f"sweep: phi={phi:g} eta={eta:g} done in {results[-1]['seconds']} s")
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    lines = ["| phi | eta | steps/phase | validity | mean reward | distinct valid / prompt | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['phi']:g} | {r['eta']:g} | {r['steps_per_phase']} | {r['validity']:.3f} | "
+              f"{r['reward']:.3f} | {r['distinct_valid_per_prompt']:.1f} | {r['seconds']} |" for r in results]
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib.pyplot as plt
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    etas = args.sweep_etas
+    fig, axes = plt.subplots(2, len(etas), figsize=(3.2 * len(etas), 6.8), squeeze=False)
+    for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
+        x = np.load(os.path.join(sub.out, f"rollouts_a{a:.2f}.npy"))
+        ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
+        valid = env.score(wall, x, np.asarray(prompts)[ids])[0]
+        ax = axes[int(r["phi"]), etas.index(r["eta"])]
+        env.plot_rollouts(ax, wall, x[ids == 0], prompts[0], valid[ids == 0], colour="tab:red",
+                          title=f"phi={r['phi']:g} eta={r['eta']:g}: valid {r['validity']:.2f}")
+    fig.suptitle(f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run: rollouts of prompt 0")
+    fig.tight_layout()
+    os.makedirs(args.figures, exist_ok=True)
+    fig.savefig(os.path.join(args.figures, "sweep.png"), dpi=90)
+    plt.close(fig)
+    return results
+
+
 # ----------------------------------------------------------------------------- benchmark
 def bench(args, reps=20):
     """Seconds per optimiser step: ELBO vs DTM (phi = 1) on the same model and batch."""
@@ -309,7 +372,7 @@ def parse(argv=None):
     p.add_argument("--phi", type=float, default=1.0, help="control-variate coefficient (eq. 17), in [0, 1]")
     p.add_argument("--eta", type=float, default=0.1, help="annealing step of the tilt a (eq. 8), > 0")
     p.add_argument("--a_max", type=float, default=1.0, help="final tilt a")
-    p.add_argument("--steps_per_phase", type=int, default=60, help="optimiser steps per phase")
+    p.add_argument("--steps_per_phase", type=int, default=100, help="optimiser steps per phase")
     p.add_argument("--batch", type=int, default=64, help="sequences per step (a multiple of the 8 prompts)")
     p.add_argument("--lr", type=float, default=0.02, help="learning rate (SGD, momentum 0.9)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
@@ -319,7 +382,7 @@ def parse(argv=None):
                    help="replay buffer size per prompt; also the rollouts measured after each phase")
     p.add_argument("--end_rollouts_per_prompt", type=int, default=64,
                    help="rollouts per prompt measured at the first and the last a (before/after numbers)")
-    p.add_argument("--refresh_every", type=int, default=20, help="steps between buffer refreshes")
+    p.add_argument("--refresh_every", type=int, default=25, help="steps between buffer refreshes")
     p.add_argument("--refresh_fraction", type=float, default=0.25, help="fraction of the buffer refreshed")
     p.add_argument("--r_offset", type=float, default=-env.INVALID_REWARD,
                    help="added to r in the paper-weighted loss, so that r >= 0 and the loss is bounded; "
@@ -338,6 +401,11 @@ def parse(argv=None):
     p.add_argument("--figures", default="figures", help="where the figures are written")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt after its last phase")
     p.add_argument("--bench", action="store_true", help="only time a DTM step against an ELBO step")
+    p.add_argument("--sweep", action="store_true",
+                   help="the phi x eta ablation (paper Fig. 2/5) at equal compute; --phi, --eta and "
+                        "--steps_per_phase are set per run")
+    p.add_argument("--sweep_etas", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="etas of --sweep")
+    p.add_argument("--sweep_steps", type=int, default=300, help="optimiser steps per --sweep run, in all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -360,6 +428,8 @@ def main(argv=None):
     try:
         if args.bench:
             return bench(args)
+        if args.sweep:
+            return sweep(args)
         t0 = time.time()
         history = run(args)
     except CheckpointError as e:

@@ -47,6 +47,20 @@ def test_smoke_run_writes_metrics_and_figures(tiny_base, tmp_path):
     assert len(ck["history"]) == 3
 
 
+def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_base, tmp_path):
+    out, figs = str(tmp_path / "sweep"), str(tmp_path / "figs")
+    args = TINY + ["--base", tiny_base, "--out", out, "--figures", figs, "--sweep", "--sweep_etas", "0.2", "0.1",
+                   "--sweep_steps", "4"]
+    results = dtm.main(args)
+    assert [(r["phi"], r["eta"]) for r in results] == [(0, 0.2), (0, 0.1), (1, 0.2), (1, 0.1)]
+    assert [r["steps_per_phase"] for r in results] == [4, 2, 4, 2]   # 4 steps in all: 1 x 4 or 2 x 2
+    for r in results:
+        assert len(json.load(open(os.path.join(out, f"phi{r['phi']:g}_eta{r['eta']:g}", "metrics.json")))) \
+            == round(0.2 / r["eta"]) + 1
+    assert open(os.path.join(out, "sweep.md")).read().count("\n") == 2 + 4
+    assert os.path.getsize(os.path.join(figs, "sweep.png")) > 10_000
+
+
 def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
     dtm.run(dtm.parse(TINY[:1] + ["0.1"] + TINY[2:] + ["--base", tiny_base, "--out", out, "--figures", figs]))
