@@ -967,31 +967,38 @@ class Trainer:
 
     # ---- state
     def save(self):
-        layers = lora_layers(self.model)
-        state = dict(student={n: (m.lora_A.detach(), m.lora_B.detach()) for n, m in layers.items()},
-                     teacher={n: (m.teacher_A, m.teacher_B) for n, m in layers.items()},
-                     opt=self.opt.state_dict() if self.opt else None, buffer=self.buffer,
-                     phase=self.phase, step=self.step, global_step=self.global_step,
+        """Every rank writes its own buffer and RNG states; the adapters and AdamW, the same on every
+        rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
+        state = dict(buffer=self.buffer, phase=self.phase, step=self.step, global_step=self.global_step,
                      gen=self.gen.get_state(), rng=torch.get_rng_state(), args=vars(self.args),
-                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-        tmp = self.path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)                                      # atomic: old or new, never half
+                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                     lora_checksum=sum(p.double().sum().item() for p in self.params))   # equal on all ranks
+        if self.rank == 0:
+            layers = lora_layers(self.model)
+            state.update(student={n: (m.lora_A.detach(), m.lora_B.detach()) for n, m in layers.items()},
+                         teacher={n: (m.teacher_A, m.teacher_B) for n, m in layers.items()},
+                         opt=self.opt.state_dict() if self.opt else None)
+        torch.save(state, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
 
     def load(self):
+        shared_path = os.path.join(self.args.out, "state_rank0.pt")
         try:
             s = torch.load(self.path, map_location=self.device, weights_only=False)
-            layers = lora_layers(self.model)
+            shared = s if self.rank == 0 else torch.load(shared_path, map_location=self.device, weights_only=False)
+            if shared["global_step"] != s["global_step"]:
+                raise ValueError(f"{shared_path} is at step {shared['global_step']}, this rank's file at "
+                                 f"{s['global_step']} (a crash between two saves?)")
             with torch.no_grad():
-                for n, m in layers.items():
-                    m.lora_A.copy_(s["student"][n][0]); m.lora_B.copy_(s["student"][n][1])     # noqa: E702
-                    m.teacher_A.copy_(s["teacher"][n][0]); m.teacher_B.copy_(s["teacher"][n][1])  # noqa: E702
+                for n, m in lora_layers(self.model).items():
+                    m.lora_A.copy_(shared["student"][n][0]); m.lora_B.copy_(shared["student"][n][1])     # noqa: E702
+                    m.teacher_A.copy_(shared["teacher"][n][0]); m.teacher_B.copy_(shared["teacher"][n][1])  # noqa: E702
         except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot resume ({e})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
-        if s["opt"] is not None:
+        if shared["opt"] is not None:
             self.opt = self.new_optimizer()
-            self.opt.load_state_dict(s["opt"])
+            self.opt.load_state_dict(shared["opt"])
         self.gen.set_state(s["gen"].cpu())
         torch.set_rng_state(s["rng"].cpu())
         if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU

@@ -133,7 +133,7 @@ def test_sampler_reveals_an_even_share_per_step_remainder_first(tiny_base, steps
 
 @pytest.mark.slow
 def test_main_command_on_the_committed_base_improves_reward_and_validity(tmp_path):
-    """`python dtm.py --phi 1 --eta 0.1` end to end (429 s measured): the done-criteria."""
+    """`python dtm.py --phi 1 --eta 0.1` end to end (592 s measured): the done-criteria."""
     out = str(tmp_path / "run")
     res = run_cli("--out", out, "--figures", str(tmp_path / "figs"))
     assert res.returncode == 0, res.stderr[-2000:]

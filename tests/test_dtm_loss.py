@@ -3,11 +3,12 @@
 Notation as in dtm.py / SPEC §3: x1 ~ p_a, x_t = x1 with a subset of positions masked, i a masked position.
 """
 import itertools
+import math
 
 import pytest
 import torch
 
-from dtm import dtm_loss
+from dtm import dtm_loss, group_log_mean_exp
 from maze.mdm import PROMPT_LEN, elbo_loss
 
 V, L = 3, 3
@@ -153,6 +154,23 @@ def test_phi0_is_reward_weighted_elbo_with_per_group_Z():
         w = torch.exp(eta * reward[b]) / torch.exp(eta * reward[same]).mean()
         expected += w * tw[b] * nll[seq == b].sum()
     torch.testing.assert_close(ours, expected / len(x1), rtol=1e-12, atol=0)
+
+
+def test_group_log_mean_exp_is_log_Z_and_a_callers_log_Z_is_used_as_given():
+    """log Z_g = log mean_{b in g} e^{eta r_b}, exactly; passing it as log_Z gives the in-batch loss,
+    and a Z from elsewhere (e.g. a whole replay buffer) changes the loss by exactly its ratio."""
+    x1, mask, logits, reward, tw, group = random_batch()
+    eta = 0.8
+    log_Z = group_log_mean_exp(eta * reward, group)
+    for b in range(len(x1)):
+        expected = torch.log(torch.exp(eta * reward[group == group[b]]).mean())
+        torch.testing.assert_close(log_Z[b], expected, rtol=1e-12, atol=1e-12)
+    teacher = logits.flip(-1)
+    in_batch = dtm_loss(logits, teacher, x1, mask, reward, tw, eta, 1.0, group)
+    torch.testing.assert_close(dtm_loss(logits, teacher, x1, mask, reward, tw, eta, 1.0, log_Z=log_Z),
+                               in_batch, rtol=1e-12, atol=0)
+    doubled = dtm_loss(logits, teacher, x1, mask, reward, tw, eta, 1.0, log_Z=log_Z + math.log(2.0))
+    torch.testing.assert_close(doubled, in_batch / 2, rtol=1e-12, atol=0)
 
 
 def test_phi0_weights_are_invariant_to_a_constant_added_to_the_reward():
