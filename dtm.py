@@ -282,14 +282,22 @@ def sweep(args):
     """Paper Fig. 2/5: phi in {0, 1} x eta in --sweep_etas, at equal compute. Every run takes
     --sweep_steps optimiser steps in all, split evenly over its a_max / eta phases (so a smaller eta
     gets fewer steps per phase, as in the paper). Each run writes to OUT/phi*_eta*/ (--resume goes on
-    there); the sweep writes OUT/sweep.json, OUT/sweep.md (a table) and FIGURES/sweep.png."""
-    results, runs = [], []
+    there); the sweep writes OUT/sweep.json, OUT/sweep.md (a table) and FIGURES/sweep.png.
+    With --resume, the runs already in OUT/sweep.json are reused as they are."""
+    results, runs, done = [], [], {}
+    if args.resume and os.path.isfile(os.path.join(args.out, "sweep.json")):
+        with open(os.path.join(args.out, "sweep.json")) as f:
+            done = {(r["phi"], r["eta"], r["steps_per_phase"]): r for r in json.load(f)}
     for phi in (0.0, 1.0):
         for eta in args.sweep_etas:
             sub = copy.copy(args)
             sub.phi, sub.eta = phi, eta
             sub.steps_per_phase = max(1, round(args.sweep_steps * eta / args.a_max))
             sub.out = sub.figures = os.path.join(args.out, f"phi{phi:g}_eta{eta:g}")
+            if (phi, eta, sub.steps_per_phase) in done:
+                results.append(done[phi, eta, sub.steps_per_phase])
+                runs.append((sub, args.a_max))
+                continue
             t0 = time.time()
             history = run(sub)
             h0, h1 = history[0], history[-1]
@@ -313,7 +321,7 @@ def sweep(args):
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
     etas = args.sweep_etas
-    fig, axes = plt.subplots(2, len(etas), figsize=(3.2 * len(etas), 6.8), squeeze=False)
+    fig, axes = plt.subplots(2, len(etas), figsize=(3.4 * len(etas), 7.6), squeeze=False)
     for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
         x = np.load(os.path.join(sub.out, f"rollouts_a{a:.2f}.npy"))
         ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))

@@ -59,6 +59,8 @@ def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_b
             == round(0.2 / r["eta"]) + 1
     assert open(os.path.join(out, "sweep.md")).read().count("\n") == 2 + 4
     assert os.path.getsize(os.path.join(figs, "sweep.png")) > 10_000
+    os.remove(os.path.join(out, "phi1_eta0.1", "state.pt"))         # a reused run is not run again
+    assert dtm.main(args + ["--resume"]) == results
 
 
 def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
