@@ -11,6 +11,7 @@ and their rewards, (6) SAR-aligned DTM training (paper App. C, SPEC §3) with th
     torchrun --nproc_per_node=8 llada_finetune.py --model_dir LLaDA-8B-Instruct --task countdown
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task gsm8k --eval --test_data gsm8k_test.jsonl
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku --resume --out runs/sudoku
+    python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku --bench --batch 8 --grad_checkpointing
     python llada_finetune.py --help
 """
 import argparse
