@@ -228,6 +228,18 @@ def run(args):
 
 
 # ----------------------------------------------------------------------------- figures
+def end_metric(h, k):
+    """A history row's metric k over the larger end-of-run sample (end_k) when it was drawn."""
+    return h.get(f"end_{k}", h[k])
+
+
+def load_rollouts(out, a, wall, prompts):
+    """The completions saved at tilt a: x (n, L), the prompt index of each, and their validity."""
+    x = np.load(os.path.join(out, f"rollouts_a{a:.2f}.npy"))
+    ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
+    return x, ids, env.score(wall, x, np.asarray(prompts)[ids])[0]
+
+
 def plot(history, wall, prompts, args):
     import matplotlib
     matplotlib.use("Agg")
@@ -239,9 +251,7 @@ def plot(history, wall, prompts, args):
 
     def draw(axes, a, colour):
         """The valid rollouts at tilt a of the first prompts, one panel each."""
-        x = np.load(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"))
-        ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
-        valid, _, _ = env.score(wall, x, np.asarray(prompts)[ids])
+        x, ids, valid = load_rollouts(args.out, a, wall, prompts)
         for ax, p in zip(axes, show):
             sel = ids == p
             env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour,
@@ -301,11 +311,10 @@ def sweep(args):
             t0 = time.time()
             history = run(sub)
             h0, h1 = history[0], history[-1]
-            end = lambda h, k: h.get(f"end_{k}", h[k])                              # noqa: E731
             results.append(dict(phi=phi, eta=eta, steps_per_phase=sub.steps_per_phase,
                                 seconds=round(time.time() - t0), rollouts=h1.get("end_rollouts"),
-                                **{k: end(h1, k) for k in ("validity", "reward", "distinct_valid_per_prompt")},
-                                base_validity=end(h0, "validity")))
+                                **{k: end_metric(h1, k) for k in ("validity", "reward", "distinct_valid_per_prompt")},
+                                base_validity=end_metric(h0, "validity")))
             runs.append((sub, h1["a"]))
             tqdm.write(f"sweep: phi={phi:g} eta={eta:g} done in {results[-1]['seconds']} s")
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
@@ -323,9 +332,7 @@ def sweep(args):
     etas = args.sweep_etas
     fig, axes = plt.subplots(2, len(etas), figsize=(3.4 * len(etas), 7.6), squeeze=False)
     for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
-        x = np.load(os.path.join(sub.out, f"rollouts_a{a:.2f}.npy"))
-        ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
-        valid = env.score(wall, x, np.asarray(prompts)[ids])[0]
+        x, ids, valid = load_rollouts(sub.out, a, wall, prompts)
         ax = axes[int(r["phi"]), etas.index(r["eta"])]
         env.plot_rollouts(ax, wall, x[ids == 0], prompts[0], valid[ids == 0], colour="tab:red",
                           title=f"phi={r['phi']:g} eta={r['eta']:g}: valid {r['validity']:.2f}")
@@ -442,14 +449,12 @@ def main(argv=None):
         history = run(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    h0, h1 = history[0], history[-1]
-
-    def end(h, k):                                                     # the 512-rollout numbers, if any
-        return h.get(f"end_{k}", h[k])
-    print(f"done in {time.time() - t0:.0f}s, over {h1.get('end_rollouts', 'the')} rollouts: reward "
-          f"{end(h0, 'reward'):.3f} -> {end(h1, 'reward'):.3f}, validity {end(h0, 'validity'):.3f} -> "
-          f"{end(h1, 'validity'):.3f}, distinct valid paths/prompt {end(h0, 'distinct_valid_per_prompt'):.1f} -> "
-          f"{end(h1, 'distinct_valid_per_prompt'):.1f}; metrics in {args.out}/metrics.json, figures in {args.figures}/")
+    before, after = (tuple(end_metric(h, k) for k in ("reward", "validity", "distinct_valid_per_prompt"))
+                     for h in (history[0], history[-1]))
+    print(f"done in {time.time() - t0:.0f}s, over {history[-1].get('end_rollouts', 'the')} rollouts: "
+          f"reward {before[0]:.3f} -> {after[0]:.3f}, validity {before[1]:.3f} -> {after[1]:.3f}, "
+          f"distinct valid paths/prompt {before[2]:.1f} -> {after[2]:.1f}; "
+          f"metrics in {args.out}/metrics.json, figures in {args.figures}/")
 
 
 if __name__ == "__main__":

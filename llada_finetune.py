@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import random
 import re
 import signal
@@ -985,16 +986,20 @@ class Trainer:
     def load(self):
         shared_path = os.path.join(self.args.out, "state_rank0.pt")
         try:
-            s = torch.load(self.path, map_location=self.device, weights_only=False)
-            shared = s if self.rank == 0 else torch.load(shared_path, map_location=self.device, weights_only=False)
+            s = torch.load(self.path, map_location=self.device, weights_only=True)
+            shared = s if self.rank == 0 else torch.load(shared_path, map_location=self.device,
+                                                        weights_only=True)
             if shared["global_step"] != s["global_step"]:
                 raise ValueError(f"{shared_path} is at step {shared['global_step']}, this rank's file at "
                                  f"{s['global_step']} (a crash between two saves?)")
             with torch.no_grad():
                 for n, m in lora_layers(self.model).items():
-                    m.lora_A.copy_(shared["student"][n][0]); m.lora_B.copy_(shared["student"][n][1])     # noqa: E702
-                    m.teacher_A.copy_(shared["teacher"][n][0]); m.teacher_B.copy_(shared["teacher"][n][1])  # noqa: E702
-        except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
+                    (A, B), (tA, tB) = shared["student"][n], shared["teacher"][n]
+                    m.lora_A.copy_(A)
+                    m.lora_B.copy_(B)
+                    m.teacher_A.copy_(tA)
+                    m.teacher_B.copy_(tB)
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"{self.path}: cannot resume ({e})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
         if shared["opt"] is not None:

@@ -430,7 +430,7 @@ def train_args(tiny_dir, out, *extra):
 
 
 def adapters(path):
-    return torch.load(path, weights_only=False)["student"]
+    return torch.load(path, weights_only=True)["student"]
 
 
 def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path):
@@ -488,7 +488,7 @@ def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
            *train_args(tiny[0], out, "--stop_after", "2")]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=False) for k in (0, 1))
+    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=True) for k in (0, 1))
     assert s0["lora_checksum"] == s1["lora_checksum"]          # the same adapters after 2 steps
     assert "student" in s0 and "student" not in s1             # saved once, by rank 0
     assert not torch.equal(s0["buffer"]["comp"], s1["buffer"]["comp"])   # a buffer per rank
@@ -497,5 +497,5 @@ def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
     r = subprocess.run(cmd[:-1] + ["3", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 1: resumed" in r.stdout and "rank 1: stopped at phase 2, step 1" in r.stdout
-    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=False) for k in (0, 1))
+    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=True) for k in (0, 1))
     assert s0["global_step"] == s1["global_step"] == 3 and s0["lora_checksum"] == s1["lora_checksum"]
