@@ -999,8 +999,11 @@ class Trainer:
                     m.lora_B.copy_(B)
                     m.teacher_A.copy_(tA)
                     m.teacher_B.copy_(tB)
-        except (OSError, RuntimeError, KeyError, EOFError, ValueError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{self.path}: cannot resume ({e})") from None
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"{self.path}: cannot resume (corrupt, or not a state file of this "
+                                  f"script)") from None
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot resume ({str(e).splitlines()[0]})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
         if shared["opt"] is not None:
             self.opt = self.new_optimizer()

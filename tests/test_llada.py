@@ -482,6 +482,13 @@ def test_corrupt_checkpoint_and_missing_data_give_a_one_line_error(tiny, tmp_pat
     assert r.returncode == 1 and "needs a local JSONL file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_corrupt_resume_state_gives_a_one_line_error(tiny, tmp_path):
+    (tmp_path / "state_rank0.pt").write_bytes(b"not a torch file")
+    r = run_cli(*train_args(tiny[0], str(tmp_path), "--resume"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "cannot resume (corrupt" in r.stderr
+
+
 def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "llada_finetune.py",
