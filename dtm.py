@@ -7,14 +7,21 @@ and, in each phase, trains the unmasking posteriors p_theta(. | x_t, i) with a w
 cross-entropy whose unique minimiser is the posterior of p_{a+eta}, using only rollouts of the
 frozen model p_a (the "teacher") and their rewards. The control variate phi cuts its variance.
 
-    python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures (592 s)
+    python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures in runs/dtm
+                                             # (599 s on 2 cores), next to the exact tilt of the base
+    python dtm.py --phi 1 --eta 0.1 --control --out runs/control   # the same with no tilt
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
-    python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1}, equal compute
+    python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1} + controls, equal compute
     python dtm.py --help
+
+The exact target: 2,048 rollouts per prompt of the base, drawn once and cached beside it
+(`base_reference`), reweighted by e^{a r} per prompt (`tilted_means`); every row of metrics.json
+gives the model's numbers, the exact tilt's, and the realised fraction of the gain.
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -27,10 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from maze import env
-from maze.mdm import (PROMPT_LEN, CheckpointError, Config, elbo_loss, evaluate, load,
-                      mask_completions, pretrain, rollout_metrics, save)
+from maze.mdm import (PROMPT_LEN, CheckpointError, Config, Help, elbo_loss, evaluate, load, mask_completions,
+                      pretrain, save)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
+REFERENCE_SEED = 1234                 # the base's reference rollouts are a property of the base, not of a run
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -62,27 +70,36 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
                           buffer); overrides group and normalise
     Returns (1/B) * sum_b time_weight_b * sum_{i in mask_b} loss_i.
 
-    Derivation (SPEC §3). Masking x1 -> x_t does not depend on the tilt, so for any F (eq. 11-13)
+    Derivation (paper §3). Masking x1 -> x_t does not depend on the tilt, so for any F (eq. 11-12)
         E_{a+eta}[F] = E_a[e^{eta r(X1)} F] / E_a[e^{eta r(X1)}],
-    and the tilted posterior at a masked position i is (Prop. 3.1)
-        p_{a+eta}(v | x_t, i) = E_a[e^{eta r} 1{X1^i = v} | x_t] / E_a[e^{eta r} | x_t].
-    Replace the one-hot by the control-variate target (eq. 17)
+    and the tilted posterior at a masked position i is the ratio (eq. 13; Prop. 3.1, eq. 14)
+        p_{a+eta}(v | x_t, i) = E_a[e^{eta r} 1{X1^i = v} | x_t] / E_a[e^{eta r} | x_t],
+    the unique minimiser of the reward-weighted cross-entropy E_a[(e^{eta r} / Z) CE(1{x1^i}, p_theta)]
+    (eq. 15, phi = 0). Replace the one-hot by the control-variate target (eq. 17)
         Y_phi(v) = 1{x1^i = v} - phi e^{-eta r} (1{x1^i = v} - p_a(v | x_t, i)):
     since E_a[1{X1^i = v} - p_a(v | x_t, i) | x_t] = 0, E_a[e^{eta r} Y_phi | x_t] is unchanged, so
-    the weighted cross-entropy E_a[(e^{eta r} / Z) CE(Y_phi, p_theta)] still has the tilted
+    the weighted cross-entropy E_a[(e^{eta r} / Z) CE(Y_phi, p_theta)] (eq. 16) still has the tilted
     posterior as its unique minimiser (Prop. 3.2), for any phi. Written out per masked token:
         (e^{eta r} / Z) CE(Y_phi, p_theta)
           = (e^{eta r} - phi) / Z * (-log p_theta(x1^i))            reward-weighted NLL
           +           phi / Z * CE(p_a(. | x_t, i), p_theta)         distil the teacher
     phi = 0: reward-weighted ELBO.  phi = 1, eta -> 0: pure distillation of p_a, whose gradient at
     p_theta = p_a is zero, so the noise of the one-hot target cancels (Prop. 3.3: lower variance).
+    With the hazard time weight lambda(t) / L, the excess loss bounds KL / L of the terminal laws
+    (Prop. 3.4; tests/test_exact_tilt.py).
     Z = E_a[e^{eta r}] is estimated per group in the batch, in log space:
         log(1/Z_g) = log n_g - logsumexp_{b in g}(eta r_b)               (group_log_mean_exp)
+    or passed in by the caller as log_Z (e.g. over the whole replay buffer of a prompt).
+    The zero-mean step above needs p_a(. | x_t, i) to be the posterior of the teacher's own sampling
+    law. For a network that is not self-consistent the minimiser is instead
+        T(v) + phi (p_a(v | x_t, i) - post(v)) / E_a[e^{eta r} | x_t],
+    T the tilted posterior of the sampling law and post its untilted posterior: phi = 1 keeps the
+    teacher's offset p_a - post (README, "Why DTM realises only part of the tilt on the maze").
     Notes. The distillation weight phi / Z is not invariant to adding c to r (Z scales by e^{eta c}),
     though the minimiser is. Where e^{eta r} < phi the NLL weight is negative: a token seen once with
     p_a(x1^i) < 1 - e^{eta r} / phi then has a negative target, and the loss is unbounded below in its
-    logit (tests/test_dtm_loss.py). Feed r - min r >= 0 (dtm.py does, via --r_offset); the released
-    code clips r at 0 instead, which changes the reward.
+    logit (tests/test_dtm_loss.py). Feed r + c >= 0 for a constant c (dtm.py adds --r_offset = 1,
+    as r >= -1); the released code clips r at 0 instead, which changes the reward.
     """
     B = x1.shape[0]
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
@@ -97,8 +114,8 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     w_ce = phi * torch.exp(log_inv_Z)                                  # phi / Z
     seq = mask.nonzero()[:, 0]                                         # (N,) sequence of each token
     logp = F.log_softmax(logits.to(dt), dim=-1)                       # (N, V)
-    reward_weighted_nll = -logp.gather(1, x1[mask][:, None])[:, 0]     # (N,)
-    loss = w_nll[seq] * reward_weighted_nll
+    nll = -logp.gather(1, x1[mask][:, None])[:, 0]                     # (N,) -log p_theta(x1^i)
+    loss = w_nll[seq] * nll                                            # the reward-weighted NLL
     if phi != 0:
         p_a = F.softmax(teacher_logits.to(dt), dim=-1)
         teacher_ce = -(p_a * logp).sum(-1)                              # (N,)
@@ -107,17 +124,84 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
 
 
 # ----------------------------------------------------------------------------- the replay buffer
-def rollouts(teacher, prompts, per_prompt, args, wall, gen):
+def rollouts(teacher, prompts, per_prompt, args, wall, gen, progress=False):
     """Teacher rollouts for every prompt, scored.
 
-    Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt), and the metrics dict.
+    Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt) and valid (P, per_prompt).
     """
     P = len(prompts)
-    metrics, comp, ids, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature,
-                                     args.order, args.sample_steps, generator=gen)
+    _, comp, ids, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
+                               args.sample_steps, generator=gen, progress=progress)
     pr = torch.as_tensor(prompts)[torch.as_tensor(ids)]
     x1 = torch.cat([pr, torch.full((len(pr), 1), env.SEP), torch.as_tensor(comp)], 1)
-    return x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt), metrics
+    return (x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt),
+            torch.as_tensor(r > env.INVALID_REWARD).view(P, per_prompt))
+
+
+# ----------------------------------------------------------------------------- the exact target
+def tilted_means(reward, valid, a):
+    """Validity and mean reward under p e^{a r} / Z, estimated from rollouts of p with self-normalised
+    importance weights w = e^{a r}, per prompt (each prompt is its own conditional law), then averaged
+    over prompts. reward, valid: (P, n). a = 0 gives the plain means of the rollouts.
+    Standard errors by the delta method, se_p^2 = sum_j w_j^2 (f_j - f_p)^2 / (sum_j w_j)^2, combined as
+    sqrt(sum_p se_p^2) / P; ess is the effective sample size (sum w)^2 / sum w^2, summed over prompts."""
+    r = np.asarray(reward, dtype=np.float64)
+    logw = a * r
+    w = np.exp(logw - logw.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    out = dict(ess=float((1.0 / (w ** 2).sum(1)).sum()))
+    for name, f in (("validity", np.asarray(valid, dtype=np.float64)), ("reward", r)):
+        mean = (w * f).sum(1)                                          # (P,)
+        var = (w ** 2 * (f - mean[:, None]) ** 2).sum(1)
+        out[name], out[name + "_se"] = float(mean.mean()), float(np.sqrt(var.sum()) / len(r))
+    return out
+
+
+def realised_fraction(now, exact, base):
+    """(v_a - v_0) / (v*_a - v_0): how much of the exact tilt's gain the model realised, for validity
+    and reward, with a first-order standard error (v_0 and v*_a come from the same reference rollouts;
+    their covariance is ignored, which overstates the error). NaN where the exact tilt gains nothing."""
+    out = {}
+    for k in ("validity", "reward"):
+        gain = exact[k] - base[k]
+        if gain == 0:
+            out[f"realised_{k}"] = out[f"realised_{k}_se"] = math.nan
+            continue
+        f = (now[k] - base[k]) / gain
+        out[f"realised_{k}"] = f
+        out[f"realised_{k}_se"] = math.hypot(now[f"{k}_se"], f * exact[f"{k}_se"]) / abs(gain)
+    return out
+
+
+def base_reference(ckpt, wall, prompts, per_prompt, args):
+    """per_prompt rollouts of the base checkpoint for every prompt: the base's law p_0, from which the
+    exact tilt p_0 e^{a r} / Z of every a follows by importance weights (`tilted_means`). Drawn once
+    (a fixed seed) and cached beside the checkpoint, in a file named by a digest of its bytes and of
+    the sampler's settings. Returns completions (P, n, L), reward (P, n), valid (P, n) as numpy."""
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"checkpoint not found: {ckpt}")
+    digest = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        digest.update(f.read())
+    digest.update(f"{per_prompt} {args.temperature:g} {args.order} {args.sample_steps}".encode())
+    path = f"{os.path.splitext(ckpt)[0]}_reference_{digest.hexdigest()[:8]}.npz"
+    if not os.path.isfile(path):
+        t0 = time.time()
+        tqdm.write(f"drawing {per_prompt} rollouts per prompt of the base, once, for the exact tilt -> {path}")
+        model = load(ckpt, args.device)[0]
+        x1, r, valid = rollouts(model, prompts, per_prompt, args, wall,
+                                torch.Generator(args.device).manual_seed(REFERENCE_SEED), progress=True)
+        tmp = path + ".part.npz"
+        np.savez_compressed(tmp, completions=x1[:, :, PROMPT_LEN:].numpy().astype(np.int16),
+                            reward=r.numpy(), valid=valid.numpy())
+        os.replace(tmp, path)                                          # atomic: never half a file
+        tqdm.write(f"  {len(prompts) * per_prompt} rollouts in {time.time() - t0:.0f} s")
+    try:
+        z = np.load(path)
+        return z["completions"].astype(np.int64), z["reward"], z["valid"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read reference rollouts {path} ({type(e).__name__}); delete it "
+                              "and it is drawn again") from None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -131,52 +215,80 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
 
+def rollouts_file(out, a):
+    return os.path.join(out, f"rollouts_a{a:.4g}.npy")
+
+
 def run(args):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(args.device).manual_seed(args.seed)         # sampling and masking, on the device
+    pick = torch.Generator().manual_seed(args.seed)                     # draws from the replay buffer (CPU)
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
     P, M = len(prompts), args.rollouts_per_prompt
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
+    if args.base == DEFAULT_BASE and not os.path.isfile(DEFAULT_BASE):
+        print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_steps} steps)")
+        pretrain(Config(), args.pretrain_steps, device=args.device, out=DEFAULT_BASE)
+    ref_x, ref_r, ref_valid = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    base = tilted_means(ref_r, ref_valid, 0.0)                          # v_0, over the reference
+    L = ref_x.shape[-1]
+    a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
+
+    def row(a, x1, r, valid, extra):
+        """A history row: the model's metrics at tilt a over its n rollouts per prompt, next to the
+        exact tilt of the base at a and the realised fraction; diversity among the first M per prompt."""
+        comp = x1[:, :, -L:]
+        np.save(rollouts_file(args.out, a), comp.reshape(-1, L).astype(np.int16))
+        now = tilted_means(r, valid, 0.0)
+        exact = tilted_means(ref_r, ref_valid, a)
+        distinct, cells = env.diversity(comp[:, :M].reshape(P * M, L), np.repeat(np.arange(P), M),
+                                        valid[:, :M].reshape(-1))
+        h = dict(a=round(a, 6), n=int(r.size), **{k: now[k] for k in ("validity", "validity_se", "reward", "reward_se")},
+                 distinct_valid_per_prompt=distinct, cells_covered_per_prompt=cells,
+                 **{f"exact_{k}": exact[k] for k in ("validity", "validity_se", "reward", "reward_se", "ess")})
+        if a > 0:
+            h.update(realised_fraction(now, exact, base))
+        h.update(extra)
+        history.append(h)
+        line = (f"a={a:.2f}  n={h['n']}  validity {h['validity']:.3f}±{h['validity_se']:.3f} "
+                f"(exact {h['exact_validity']:.3f})  reward {h['reward']:.3f}±{h['reward_se']:.3f} "
+                f"(exact {h['exact_reward']:.3f})")
+        if a > 0:
+            line += (f"  realised {h['realised_validity']:.2f}±{h['realised_validity_se']:.2f} / "
+                     f"{h['realised_reward']:.2f}±{h['realised_reward_se']:.2f}")
+        tqdm.write(line + f"  distinct {distinct:.1f}  cells {cells:.1f}"
+                   + (f"  loss {extra['loss']:.4f}  {extra['train_s']:.0f} s" if "loss" in extra else ""))
+
     if args.resume and os.path.isfile(state_path):
         model, ck = load(state_path, args.device)
         history, start = ck["history"], len(ck["history"]) - 1
         gen.manual_seed(args.seed + start)
-        print(f"resumed from {state_path} after phase {start}")
+        pick.manual_seed(args.seed + start)
+        x, ids, _ = load_rollouts(args.out, history[-1]["a"], wall, prompts)
+        x1_all = torch.cat([torch.as_tensor(np.asarray(prompts))[ids], torch.full((len(x), 1), env.SEP),
+                            torch.as_tensor(x)], 1).view(P, -1, PROMPT_LEN + L)
+        r_all = env.score(wall, x, np.asarray(prompts)[ids])[1].reshape(P, -1)
+        print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
     else:
-        if args.base is None and not os.path.isfile(DEFAULT_BASE):
-            print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_steps} steps)")
-            model, _ = pretrain(Config(), args.pretrain_steps, device=args.device, out=DEFAULT_BASE)
-        else:
-            model, _ = load(args.base or DEFAULT_BASE, args.device)
+        model = load(args.base, args.device)[0]
         history, start = [], 0
-    L = model.cfg.gen_len
-    a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
-
-    def measure(a, extra, n=M):
-        """n rollouts per prompt of the current model: its metrics now; the first M of them are the
-        next phase's replay buffer (the first and last measurements use more, for tighter numbers)."""
-        t0 = time.time()
-        x1, r, m_all = rollouts(model, prompts, n, args, wall, gen)
-        np.save(os.path.join(args.out, f"rollouts_a{a:.2f}.npy"), x1[:, :, PROMPT_LEN:].flatten(0, 1).numpy())
-        # metrics of the first M per prompt, comparable across phases; of all n as well at the ends
-        m = m_all
-        if n > M:
-            m = rollout_metrics(wall, prompts, x1[:, :M, PROMPT_LEN:].flatten(0, 1).numpy(),
-                                np.repeat(np.arange(P), M))[0]
-            m.update({f"end_{k}": v for k, v in m_all.items()}, end_rollouts=n * P)
-        if not (history and history[-1]["a"] == a):                   # a resumed run re-samples only
-            history.append(dict(a=round(a, 6), **m, eval_s=round(time.time() - t0, 1), **extra))
-            tqdm.write(f"a={a:.2f}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
-        return x1[:, :M].clone(), r[:, :M].clone()
-
-    ends = max(M, args.end_rollouts_per_prompt)
-    x1_buf, r_buf = measure(a_grid[start], {}, ends if start == 0 else M)
+        # a = 0: the model is the base, measured by the reference; the buffer is M of its rollouts
+        row(0.0, ref_x, ref_r, ref_valid, {})
+        x1_all = torch.cat([torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, ref_x.shape[1], 2),
+                            torch.full((P, ref_x.shape[1], 1), env.SEP), torch.as_tensor(ref_x)], 2)
+        r_all = ref_r
+    order = torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M] for _ in range(P)])
+    rows_ = torch.arange(P)[:, None]
+    x1_buf, r_buf = x1_all[rows_, order].clone(), torch.as_tensor(r_all, dtype=torch.float32)[rows_, order].clone()
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
+        eta_loss = 1e-6 if args.control else eta                       # --control: the same run, no tilt
         t0 = time.time()
+        # the one-phase target: the teacher's own rollouts (the buffer) reweighted by e^{eta r}
+        target = tilted_means(r_buf.numpy(), (r_buf > env.INVALID_REWARD).numpy(), eta_loss)
         # 1. freeze the teacher p_a = the model at the start of the phase
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         # 2. the replay buffer (x1, r): M rollouts per prompt of p_a, the ones just measured
@@ -185,41 +297,51 @@ def run(args):
         model.train()
         losses = []
         bar = tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
-                   leave=False)
+                   leave=False, disable=None)
         for step in bar:
             if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
                 n_new = max(1, round(args.refresh_fraction * M))
-                slots = torch.randperm(M, generator=gen)[:n_new]
+                slots = torch.randperm(M, generator=pick)[:n_new]
                 x1_buf[:, slots], r_buf[:, slots], _ = rollouts(teacher, prompts, n_new, args, wall, gen)
             # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
-            j = torch.randint(M, (P, args.batch // P), generator=gen)
+            j = torch.randint(M, (P, args.batch // P), generator=pick)
             rows = torch.arange(P)[:, None].expand_as(j)
             x1, r = x1_buf[rows, j].flatten(0, 1).to(args.device), r_buf[rows, j].flatten().to(args.device)
             group = rows.flatten().to(args.device)
-            x_t, mask, hazard = mask_completions(x1, None)
+            x_t, mask, hazard = mask_completions(x1, gen)
+            log_Z = None
             if args.weighting == "released":                           # their code: mean over masked
                 tw = 1.0 / mask.sum(1).clamp_min(1).float()            # tokens, r clipped at 0, no Z
                 r = r.clamp_min(0)
             else:                                                      # the paper's ELBO form (Prop. 3.4)
                 tw = hazard / L
                 r = r + args.r_offset                                  # >= 0: a bounded loss, same tilt
+                if args.z == "buffer":                                 # Z per prompt over the whole buffer
+                    log_Z = group_log_mean_exp(eta_loss * (r_buf + args.r_offset).flatten(),
+                                               torch.arange(P).repeat_interleave(M))
+                    log_Z = log_Z.view(P, M)[:, 0].to(args.device)[group]
             # 5. student logits, and the teacher's only where the loss needs them
             logits = model(x_t, mask)
             teacher_logits = None
             if args.phi != 0:
                 with torch.no_grad():
                     teacher_logits = teacher(x_t, mask)
-            loss = dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta, args.phi, group,
-                            normalise=args.weighting == "paper")
+            loss = dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta_loss, args.phi, group,
+                            normalise=args.weighting == "paper", log_Z=log_Z)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        train_s = round(time.time() - t0, 1)
-        x1_buf, r_buf = measure(a, dict(loss=float(np.mean(losses)), train_s=train_s),
-                                ends if k == len(a_grid) - 1 else M)
+        train_s = time.time() - t0
+        # 6. measure p_{a+eta}: n rollouts per prompt (more at the end); the first M are the next buffer
+        n = args.end_rollouts_per_prompt if k == len(a_grid) - 1 else M
+        x1_all, r_all, valid = rollouts(model, prompts, max(n, M), args, wall, gen, progress=n > M)
+        row(a, x1_all.numpy(), r_all.numpy(), valid.numpy(),
+            dict(loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
+                 **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}))
+        x1_buf, r_buf = x1_all[:, :M].clone(), r_all[:, :M].clone()
         save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
@@ -228,16 +350,20 @@ def run(args):
 
 
 # ----------------------------------------------------------------------------- figures
-def end_metric(h, k):
-    """A history row's metric k over the larger end-of-run sample (end_k) when it was drawn."""
-    return h.get(f"end_{k}", h[k])
-
-
 def load_rollouts(out, a, wall, prompts):
     """The completions saved at tilt a: x (n, L), the prompt index of each, and their validity."""
-    x = np.load(os.path.join(out, f"rollouts_a{a:.2f}.npy"))
+    x = np.load(rollouts_file(out, a)).astype(np.int64)
     ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
     return x, ids, env.score(wall, x, np.asarray(prompts)[ids])[0]
+
+
+def draw_rollouts(axes, out, a, wall, prompts, per_prompt, colour):
+    """The first per_prompt rollouts at tilt a of the first prompts, one panel each (valid ones drawn)."""
+    x, ids, valid = load_rollouts(out, a, wall, prompts)
+    for p, ax in enumerate(axes):
+        sel = np.nonzero(ids == p)[0][:per_prompt]
+        env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=p == 0,
+                          title=f"a={a:.1f}  prompt {p}: valid {valid[sel].sum()}/{len(sel)}")
 
 
 def plot(history, wall, prompts, args):
@@ -247,41 +373,52 @@ def plot(history, wall, prompts, args):
     from matplotlib.animation import FuncAnimation, PillowWriter
     os.makedirs(args.figures, exist_ok=True)
     tag = f"phi{args.phi:g}_eta{args.eta:g}"
-    show = list(range(min(4, len(prompts))))
-
-    def draw(axes, a, colour):
-        """The valid rollouts at tilt a of the first prompts, one panel each."""
-        x, ids, valid = load_rollouts(args.out, a, wall, prompts)
-        for ax, p in zip(axes, show):
-            sel = ids == p
-            env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour,
-                              title=f"a={a:.1f}  valid {valid[sel].mean():.2f}")
-
-    fig, axes = plt.subplots(2, len(show), figsize=(3.2 * len(show), 6.6), squeeze=False)
-    draw(axes[0], history[0]["a"], "tab:gray")
-    draw(axes[1], history[-1]["a"], "tab:red")
-    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: rollouts before (top) and after (bottom)")
+    with open(os.path.join(args.figures, f"metrics_{tag}.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    show, M = min(4, len(prompts)), args.rollouts_per_prompt
+    fig, axes = plt.subplots(2, show, figsize=(3.3 * show, 7.6), squeeze=False)
+    draw_rollouts(axes[0], args.out, history[0]["a"], wall, prompts, M, "tab:gray")
+    draw_rollouts(axes[1], args.out, history[-1]["a"], wall, prompts, M, "tab:red")
+    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: {M} rollouts per prompt before (top) and after "
+                 "(bottom); valid ones drawn")
     fig.tight_layout()
     fig.savefig(os.path.join(args.figures, f"rollouts_{tag}.png"), dpi=90)
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, show, figsize=(3.3 * show, 3.7), squeeze=False)
 
     def frame(h):
         for ax in axes[0]:
             ax.clear()
-        draw(axes[0], h["a"], "tab:red")
-        fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: a = {h['a']:.1f}")
+        draw_rollouts(axes[0], args.out, h["a"], wall, prompts, M, "tab:red")
+        fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: a = {h['a']:.1f}, validity {h['validity']:.2f} "
+                     f"(exact tilt {h['exact_validity']:.2f})")
     FuncAnimation(fig, frame, frames=history).save(os.path.join(args.figures, f"rollouts_{tag}.gif"),
-                                                   writer=PillowWriter(fps=2), dpi=60)
+                                                   writer=PillowWriter(fps=2), dpi=72)
     plt.close(fig)
-    a = [h["a"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("reward", "validity", "distinct_valid_per_prompt"),
-                              ("mean reward", "validity", "distinct valid paths / prompt")):
-        ax.plot(a, [h[key] for h in history], "o-")
+    a = np.array([h["a"] for h in history])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    h0, h1 = history[0], history[-1]
+    for ax, key, label in zip(axes[:2], ("validity", "reward"), ("validity", "mean reward")):
+        for pre, name, colour in (("exact_", "exact tilt of the base", "k"), ("", "DTM", "tab:red")):
+            y = np.array([h[pre + key] for h in history])
+            se = np.array([h[pre + key + "_se"] for h in history])
+            ax.plot(a, y, "o-" if pre == "" else "--", color=colour, ms=3, label=name)
+            ax.fill_between(a, y - se, y + se, color=colour, alpha=0.15)
+        ax.errorbar([h1["a"]], [h1[key]], yerr=[h1[key + "_se"]], fmt="s", color="tab:red", ms=6,
+                    label=f"end ({h1['n']} rollouts)")
+        t = [h["a"] for h in history[1:]]
+        ax.plot(t, [h[f"teacher_target_{key}"] for h in history[1:]], "x", color="tab:blue", ms=5,
+                label="one-phase target of the teacher")
+        title = f"{label}: {h0[key]:.3f} -> {h1[key]:.3f} (exact {h1['exact_' + key]:.3f})"
+        if "realised_" + key in h1:
+            title += f"\nrealised {h1['realised_' + key]:.2f} ± {h1['realised_' + key + '_se']:.2f}"
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("tilt a")
-        ax.set_title(label)
-    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}")
+        ax.legend(fontsize=7)
+    axes[2].plot(a, [h["distinct_valid_per_prompt"] for h in history], "o-", color="tab:red", ms=3)
+    axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt", fontsize=9)
+    axes[2].set_xlabel("tilt a")
+    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g} (bands: ±1 standard error)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.figures, f"curves_{tag}.png"), dpi=90)
     plt.close(fig)
@@ -291,52 +428,63 @@ def plot(history, wall, prompts, args):
 def sweep(args):
     """Paper Fig. 2/5: phi in {0, 1} x eta in --sweep_etas, at equal compute. Every run takes
     --sweep_steps optimiser steps in all, split evenly over its a_max / eta phases (so a smaller eta
-    gets fewer steps per phase, as in the paper). Each run writes to OUT/phi*_eta*/ (--resume goes on
-    there); the sweep writes OUT/sweep.json, OUT/sweep.md (a table) and FIGURES/sweep.png.
-    With --resume, the runs already in OUT/sweep.json are reused as they are."""
+    gets fewer steps per phase, as in the paper). Two control runs (--control: eta ~ 0 in the loss, on
+    the smallest eta's schedule), one per phi, show what the training does without a tilt. Each run
+    writes to OUT/phi*_eta*/ (--resume goes on there); the sweep writes OUT/sweep.json, OUT/sweep.md
+    (a table) and FIGURES/sweep.png. With --resume, the runs already in OUT/sweep.json are reused."""
     results, runs, done = [], [], {}
     if args.resume and os.path.isfile(os.path.join(args.out, "sweep.json")):
         with open(os.path.join(args.out, "sweep.json")) as f:
-            done = {(r["phi"], r["eta"], r["steps_per_phase"]): r for r in json.load(f)}
-    for phi in (0.0, 1.0):
-        for eta in args.sweep_etas:
-            sub = copy.copy(args)
-            sub.phi, sub.eta = phi, eta
-            sub.steps_per_phase = max(1, round(args.sweep_steps * eta / args.a_max))
-            sub.out = sub.figures = os.path.join(args.out, f"phi{phi:g}_eta{eta:g}")
-            if (phi, eta, sub.steps_per_phase) in done:
-                results.append(done[phi, eta, sub.steps_per_phase])
-                runs.append((sub, args.a_max))
-                continue
-            t0 = time.time()
-            history = run(sub)
-            h0, h1 = history[0], history[-1]
-            results.append(dict(phi=phi, eta=eta, steps_per_phase=sub.steps_per_phase,
-                                seconds=round(time.time() - t0), rollouts=h1.get("end_rollouts"),
-                                **{k: end_metric(h1, k) for k in ("validity", "reward", "distinct_valid_per_prompt")},
-                                base_validity=end_metric(h0, "validity")))
-            runs.append((sub, h1["a"]))
-            tqdm.write(f"sweep: phi={phi:g} eta={eta:g} done in {results[-1]['seconds']} s")
+            done = {(r["phi"], r["eta"], r["steps_per_phase"], r["control"]): r for r in json.load(f)}
+    etas = args.sweep_etas
+    configs = [(phi, eta, False) for phi in (0.0, 1.0) for eta in etas] + [(phi, min(etas), True) for phi in (0.0, 1.0)]
+    for phi, eta, control in configs:
+        sub = copy.copy(args)
+        sub.phi, sub.eta, sub.control = phi, eta, control
+        sub.steps_per_phase = max(1, round(args.sweep_steps * eta / args.a_max))
+        sub.out = sub.figures = os.path.join(args.out, f"phi{phi:g}_eta{eta:g}" + ("_control" if control else ""))
+        key = (phi, eta, sub.steps_per_phase, control)
+        if key in done:
+            results.append(done[key])
+            runs.append((sub, args.a_max))
+            continue
+        t0 = time.time()
+        h1 = run(sub)[-1]
+        results.append(dict(phi=phi, eta=eta, control=control, steps_per_phase=sub.steps_per_phase,
+                            seconds=round(time.time() - t0), rollouts=h1["n"],
+                            **{k: h1[k] for k in ("validity", "validity_se", "reward", "reward_se",
+                                                  "realised_validity", "realised_reward",
+                                                  "distinct_valid_per_prompt")}))
+        runs.append((sub, h1["a"]))
+        tqdm.write(f"sweep: phi={phi:g} eta={eta:g}{' (control)' if control else ''} done in "
+                   f"{results[-1]['seconds']} s")
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = ["| phi | eta | steps/phase | validity | mean reward | distinct valid / prompt | wall s |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['phi']:g} | {r['eta']:g} | {r['steps_per_phase']} | {r['validity']:.3f} | "
-              f"{r['reward']:.3f} | {r['distinct_valid_per_prompt']:.1f} | {r['seconds']} |" for r in results]
+    lines = ["| phi | eta | steps/phase | validity | mean reward | realised (validity / reward) | "
+             "distinct valid / prompt | wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['phi']:g} | {r['eta']:g}{' (control: no tilt)' if r['control'] else ''} | "
+              f"{r['steps_per_phase']} | {r['validity']:.3f} ± {r['validity_se']:.3f} | "
+              f"{r['reward']:.3f} ± {r['reward_se']:.3f} | {r['realised_validity']:.2f} / {r['realised_reward']:.2f} | "
+              f"{r['distinct_valid_per_prompt']:.1f} | {r['seconds']} |" for r in results]
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
-    etas = args.sweep_etas
-    fig, axes = plt.subplots(2, len(etas), figsize=(3.4 * len(etas), 7.6), squeeze=False)
+    M = args.rollouts_per_prompt
+    fig, axes = plt.subplots(2, len(etas) + 2, figsize=(3.4 * (len(etas) + 2), 7.6), squeeze=False)
+    draw_rollouts([axes[0, 0]], runs[0][0].out, 0.0, wall, prompts, M, "tab:gray")   # the base, a = 0
+    axes[0, 0].set_title("the base\n" + axes[0, 0].get_title(), fontsize=9)
+    axes[1, 0].axis("off")
     for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
-        x, ids, valid = load_rollouts(sub.out, a, wall, prompts)
-        ax = axes[int(r["phi"]), etas.index(r["eta"])]
-        env.plot_rollouts(ax, wall, x[ids == 0], prompts[0], valid[ids == 0], colour="tab:red",
-                          title=f"phi={r['phi']:g} eta={r['eta']:g}: valid {r['validity']:.2f}")
-    fig.suptitle(f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run: rollouts of prompt 0")
+        ax = axes[int(r["phi"]), len(etas) + 1 if r["control"] else etas.index(r["eta"]) + 1]
+        draw_rollouts([ax], sub.out, a, wall, prompts, M, "tab:red")
+        ax.set_title(f"phi={r['phi']:g} eta={r['eta']:g}{' control' if r['control'] else ''}\n"
+                     + ax.get_title(), fontsize=9)
+    fig.suptitle(f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run: {M} rollouts of prompt 0")
     fig.tight_layout()
     os.makedirs(args.figures, exist_ok=True)
     fig.savefig(os.path.join(args.figures, "sweep.png"), dpi=90)
@@ -348,13 +496,15 @@ def sweep(args):
 def bench(args, reps=20):
     """Seconds per optimiser step: ELBO vs DTM (phi = 1) on the same model and batch."""
     torch.manual_seed(args.seed)
-    model = load(args.base or DEFAULT_BASE, args.device)[0]
+    gen = torch.Generator(args.device).manual_seed(args.seed)
+    model = load(args.base, args.device)[0]
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, args)
     wall = env.make_maze()
-    x1 = rollouts(teacher, env.make_prompts(wall), args.batch // 8, args, wall, None)[0].flatten(0, 1)
-    r = torch.rand(len(x1))
-    group = torch.arange(len(x1)) % 8
+    x1 = rollouts(teacher, env.make_prompts(wall), args.batch // 8, args, wall, gen)[0].flatten(0, 1)
+    x1 = x1.to(args.device)
+    r = torch.rand(len(x1), device=args.device)
+    group = torch.arange(len(x1), device=args.device) % 8
     L = model.cfg.gen_len
 
     def elbo_step(x_t, mask, hazard):
@@ -368,13 +518,15 @@ def bench(args, reps=20):
 
     times = {}
     for name, fn in (("elbo", elbo_step), ("dtm", dtm_step)) * 2:     # twice: the first is warm-up
-        torch.manual_seed(0)
+        gen.manual_seed(0)
         t0 = time.perf_counter()
         for _ in range(reps):
-            loss = fn(*mask_completions(x1))
+            loss = fn(*mask_completions(x1, gen))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         times[name] = (time.perf_counter() - t0) / reps
     print(f"batch {len(x1)}: ELBO step {times['elbo'] * 1e3:.1f} ms, DTM step {times['dtm'] * 1e3:.1f} ms, "
           f"ratio {times['dtm'] / times['elbo']:.3f}")
@@ -382,8 +534,7 @@ def bench(args, reps=20):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description="Discrete Tilt Matching on the 41x41 maze.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Discrete Tilt Matching on the 41x41 maze.", formatter_class=Help)
     p.add_argument("--phi", type=float, default=1.0, help="control-variate coefficient (eq. 17), in [0, 1]")
     p.add_argument("--eta", type=float, default=0.1, help="annealing step of the tilt a (eq. 8), > 0")
     p.add_argument("--a_max", type=float, default=1.0, help="final tilt a")
@@ -395,13 +546,21 @@ def parse(argv=None):
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--rollouts_per_prompt", type=int, default=16,
                    help="replay buffer size per prompt; also the rollouts measured after each phase")
-    p.add_argument("--end_rollouts_per_prompt", type=int, default=64,
-                   help="rollouts per prompt measured at the first and the last a (before/after numbers)")
+    p.add_argument("--end_rollouts_per_prompt", type=int, default=256,
+                   help="rollouts per prompt measured after the last phase (the before/after numbers)")
+    p.add_argument("--reference_per_prompt", type=int, default=2048,
+                   help="rollouts per prompt of the base for its exact tilt p_0 e^{a r}/Z (drawn once, "
+                        "cached beside the base checkpoint)")
     p.add_argument("--refresh_every", type=int, default=25, help="steps between buffer refreshes")
     p.add_argument("--refresh_fraction", type=float, default=0.25, help="fraction of the buffer refreshed")
     p.add_argument("--r_offset", type=float, default=-env.INVALID_REWARD,
                    help="added to r in the paper-weighted loss, so that r >= 0 and the loss is bounded; "
                         "the tilt is unchanged")
+    p.add_argument("--z", choices=["batch", "buffer"], default="batch",
+                   help="Z = E_a[e^{eta r}] per prompt over the minibatch or over the whole replay buffer")
+    p.add_argument("--control", action="store_true",
+                   help="a control run: the same schedule and steps with eta ~ 0 (1e-6) in the loss, "
+                        "to see what training alone does to the model")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, eval)")
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
@@ -409,11 +568,13 @@ def parse(argv=None):
     p.add_argument("--weighting", choices=["paper", "released"], default="paper",
                    help="paper: hazard/L time weight and per-prompt Z; released: mean over masked "
                         "tokens, raw e^{eta r}, r clipped at 0 (the authors' code)")
-    p.add_argument("--base", default=None,
-                   help=f"base checkpoint; default {DEFAULT_BASE}, pretrained first if it is missing")
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help="base checkpoint (the committed one is pretrained first if it is missing)")
     p.add_argument("--pretrain_steps", type=int, default=2400, help="pretraining steps if the base is missing")
     p.add_argument("--out", default="runs/dtm", help="metrics.json, rollouts and state.pt go here")
-    p.add_argument("--figures", default="figures", help="where the figures are written")
+    p.add_argument("--figures", default=None,
+                   help="where the figures and metrics_<phi>_<eta>.json are written (default: --out); "
+                        "the README's come from --figures figures")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt after its last phase")
     p.add_argument("--bench", action="store_true", help="only time a DTM step against an ELBO step")
     p.add_argument("--sweep", action="store_true",
@@ -421,9 +582,10 @@ def parse(argv=None):
                         "--steps_per_phase are set per run")
     p.add_argument("--sweep_etas", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="etas of --sweep")
     p.add_argument("--sweep_steps", type=int, default=300, help="optimiser steps per --sweep run, in all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the rollouts, the masking and the minibatches")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every random draw happens there)")
     args = p.parse_args(argv)
+    args.figures = args.figures or args.out
     problems = []
     if not args.eta > 0:
         problems.append(f"--eta must be > 0 (got {args.eta})")
@@ -431,8 +593,13 @@ def parse(argv=None):
         problems.append(f"--phi must be in [0, 1] (got {args.phi})")
     if not args.a_max > 0:
         problems.append(f"--a_max must be > 0 (got {args.a_max})")
-    if args.steps_per_phase < 1 or args.batch < 8 or args.rollouts_per_prompt < 1 or args.refresh_every < 1:
-        problems.append("--steps_per_phase, --refresh_every, --rollouts_per_prompt must be >= 1, --batch >= 8")
+    if min(args.steps_per_phase, args.rollouts_per_prompt, args.refresh_every, args.end_rollouts_per_prompt,
+           args.reference_per_prompt) < 1:
+        problems.append("--steps_per_phase, --refresh_every and the rollout counts must be >= 1")
+    if args.batch < 8 or args.batch % 8:
+        problems.append(f"--batch must be a positive multiple of the 8 prompts (got {args.batch})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available here")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -449,12 +616,15 @@ def main(argv=None):
         history = run(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    before, after = (tuple(end_metric(h, k) for k in ("reward", "validity", "distinct_valid_per_prompt"))
-                     for h in (history[0], history[-1]))
-    print(f"done in {time.time() - t0:.0f}s, over {history[-1].get('end_rollouts', 'the')} rollouts: "
-          f"reward {before[0]:.3f} -> {after[0]:.3f}, validity {before[1]:.3f} -> {after[1]:.3f}, "
-          f"distinct valid paths/prompt {before[2]:.1f} -> {after[2]:.1f}; "
-          f"metrics in {args.out}/metrics.json, figures in {args.figures}/")
+    h0, h1 = history[0], history[-1]
+    print(f"done in {time.time() - t0:.0f} s; before: the base over {h0['n']} rollouts, after: {h1['n']} "
+          f"rollouts at a = {h1['a']:g}: validity {h0['validity']:.3f} -> {h1['validity']:.3f} ± "
+          f"{h1['validity_se']:.3f} (exact tilt {h1['exact_validity']:.3f}), reward {h0['reward']:.3f} -> "
+          f"{h1['reward']:.3f} ± {h1['reward_se']:.3f} (exact tilt {h1['exact_reward']:.3f}); realised fraction "
+          f"{h1['realised_validity']:.2f} ± {h1['realised_validity_se']:.2f} (validity), "
+          f"{h1['realised_reward']:.2f} ± {h1['realised_reward_se']:.2f} (reward); metrics in "
+          f"{args.out}/metrics.json, figures in {args.figures}/")
+    return history
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 One file, top to bottom: (1) a safetensors reader/writer, (2) LLaDA's network built from the
 checkpoint's config.json and loaded from its HF shards, (3) a hand-written LoRA whose teacher copy
 lives in the same layer, (4) LLaDA's semi-autoregressive low-confidence sampler, (5) the four tasks
-and their rewards, (6) SAR-aligned DTM training (paper App. C, SPEC §3) with the loss of dtm.py,
+and their rewards, (6) SAR-aligned DTM training (paper App. C and §3) with the loss of dtm.py,
 (7) the evaluation protocol. No `transformers`, no `peft`: torch and `tokenizers` only.
 
     # the real model (download once, with internet):  huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct

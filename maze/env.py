@@ -189,9 +189,15 @@ def diversity(completions, prompt_ids, valid):
     return float(np.mean(distinct)), float(np.mean(cells))
 
 
-def plot_rollouts(ax, wall, completions, prompt, valid=None, title=None, colour="tab:red"):
-    """Draw the maze and the valid rollouts of one prompt over it (like the paper's Figure 2)."""
+def plot_rollouts(ax, wall, completions, prompt, valid=None, title=None, colour="tab:red", legend=False):
+    """Draw the maze and the valid rollouts of one prompt over it (like the paper's Figure 2).
+
+    The reward's centre is drawn in orange with its L1 distance contours (4, 8, 12 cells: rewards 0.2,
+    0.4, 0.6 for a path that stays outside them); the start is a green dot, the goal a blue star."""
     ax.imshow(wall, cmap="Greys", interpolation="nearest")
+    rr, cc = np.mgrid[:SIZE, :SIZE]
+    ax.contour(cc, rr, np.abs(rr - CENTRE[0]) + np.abs(cc - CENTRE[1]), levels=[4, 8, 12],
+               colors="tab:orange", linewidths=0.8, alpha=0.6)
     rng = np.random.default_rng(0)
     for k, row in enumerate(np.asarray(completions)):
         if valid is not None and not valid[k]:
@@ -200,9 +206,11 @@ def plot_rollouts(ax, wall, completions, prompt, valid=None, title=None, colour=
         jitter = rng.uniform(-0.25, 0.25, size=2)          # so overlapping paths stay visible
         ax.plot(cc + jitter[1], rr + jitter[0], color=colour, alpha=0.35, lw=1.2)
     (sr, sc), (gr, gc) = rc(prompt[0]), rc(prompt[1])
-    ax.plot([sc], [sr], "o", color="tab:green", ms=6)
-    ax.plot([gc], [gr], "*", color="tab:blue", ms=9)
-    ax.plot([CENTRE[1]], [CENTRE[0]], "x", color="k", ms=7)
+    ax.plot([CENTRE[1]], [CENTRE[0]], "P", color="tab:orange", mec="k", ms=8, zorder=5, label="centre")
+    ax.plot([sc], [sr], "o", color="tab:green", mec="k", ms=7, zorder=5, label="start s")
+    ax.plot([gc], [gr], "*", color="tab:blue", mec="k", ms=11, zorder=5, label="goal g")
+    if legend:
+        ax.legend(loc="lower left", fontsize=6, framealpha=0.8)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -216,11 +224,14 @@ if __name__ == "__main__":
     wall = make_maze()
     prompts = make_prompts(wall)
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(2, 4, figsize=(12, 6.5))
-    for ax, (s, g) in zip(axes.flat, prompts):
-        paths = perturbed_shortest_paths(wall, s, g, 32, rng)
+    sigma = 1.25                                            # the training paths' sigma (maze.mdm.training_set)
+    fig, axes = plt.subplots(2, 4, figsize=(12, 7))
+    for k, (ax, (s, g)) in enumerate(zip(axes.flat, prompts)):
+        paths = perturbed_shortest_paths(wall, s, g, 32, rng, sigma)
         x = np.stack([encode((s, g), p, max(map(len, paths)))[3:] for p in paths])
-        plot_rollouts(ax, wall, x, (s, g), title=f"lengths {min(map(len, paths))}-{max(map(len, paths))}")
+        plot_rollouts(ax, wall, x, (s, g), legend=k == 0,
+                      title=f"prompt {k}: lengths {min(map(len, paths))}-{max(map(len, paths))}")
+    fig.suptitle(f"The maze, the 8 prompts and 32 training paths each (perturbed shortest paths, sigma {sigma})")
     fig.tight_layout()
     fig.savefig("figures/maze.png", dpi=100)
     print(f"free cells {(~wall).sum()}, prompts {prompts}; wrote figures/maze.png")

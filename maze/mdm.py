@@ -12,6 +12,7 @@ Maze-specific: a cell token's embedding is a free vector plus a row and a column
 output layer is tied to it, so the net starts with a sense of which cells are near each other.
 
     python -m maze.mdm --out maze/base.pt                   # pretrain the base model (1332 s measured)
+                                                            # (default --out runs/base.pt: no overwrite)
     python -m maze.mdm --eval maze/base.pt                  # validity / reward of 512 rollouts
 """
 import argparse
@@ -153,18 +154,53 @@ def elbo_loss(logits, x1, mask, hazard):
     return (hazard[seq] * nll).sum() / (mask.shape[0] * L)
 
 
+@torch.no_grad()
+def self_consistency_gap(model, x1, generator=None):
+    """How far the network's conditionals are from the posteriors of its own sampling law.
+
+    x1 (B, T): rollouts of `model`. Mask them as in training; at each masked position compare the
+    cross-entropy of the rollout's token, -log p_theta(x1^i | x_t, i), with the entropy of the
+    conditional, H(p_theta(. | x_t, i)). If the conditionals were the posteriors of the law that made
+    x1 (a self-consistent model), x1^i | x_t would be distributed as p_theta(. | x_t, i) and the two
+    means would agree. Returns the mean CE, the mean entropy and the gap CE - H per masked token,
+    and the gap's standard error over sequences: 0 for a self-consistent model.
+    """
+    x_t, mask, _ = mask_completions(x1, generator)
+    logp = F.log_softmax(model(x_t, mask).float(), -1)                  # (N, V)
+    ce = -logp.gather(1, x1[mask][:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    seq = mask.nonzero()[:, 0]
+    n = torch.bincount(seq, minlength=len(x1)).float()
+    per_seq = torch.zeros(len(x1), device=x1.device).index_add(0, seq, ce - ent) / n.clamp_min(1)
+    keep = n > 0
+    gap_se = (per_seq[keep].std() / keep.sum().sqrt()).item()
+    return dict(ce=ce.mean().item(), entropy=ent.mean().item(), gap=(ce - ent).mean().item(), gap_se=gap_se)
+
+
 # ----------------------------------------------------------------------------- sampling
+def draw(logits, temperature=1.0, generator=None):
+    """One token per row of logits (N, V) from softmax(logits / temperature): inverse CDF (cumsum +
+    searchsorted, one uniform per row rather than one per vocabulary entry); argmax at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=logits.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(model, prompts, steps=None, temperature=1.0, order="random", generator=None):
     """Run the reverse process from a fully masked completion. prompts (B, 2) -> completions (B, L).
 
     Each of `steps` steps reveals an equal share of the L tokens (the remainder in the earliest
-    steps, as LLaDA does). The token at a masked position is drawn from softmax(logits / temperature)
-    by inverse CDF (cumsum + searchsorted: one uniform per position, not one per vocabulary entry;
-    argmax at temperature 0). Which positions are revealed:
-      order="random":     uniformly among the masked ones (the CTMC of the linear schedule);
+    steps, as LLaDA does); the token at a revealed position is drawn from softmax(logits / temperature)
+    (`draw`). Which positions are revealed:
+      order="random":     uniformly among the masked ones (the CTMC of the linear schedule). The choice
+                          does not depend on the tokens, so it is made first and the V-wide output layer
+                          runs only at the n revealed positions;
       order="confidence": those whose drawn token has the highest probability p_theta(x0 | x_t, i)
-                          (LLaDA's low-confidence remasking).
+                          (LLaDA's low-confidence remasking): logits at every masked position.
+    `generator` must live on the model's device (torch.Generator(device)).
     """
     cfg = model.cfg
     L = cfg.gen_len
@@ -179,22 +215,16 @@ def sample(model, prompts, steps=None, temperature=1.0, order="random", generato
         if n == 0:
             continue
         masked = x == env.MASK
+        if order == "random":
+            score = torch.rand(x.shape, generator=generator, device=dev).masked_fill(~masked, -1.0)
+            reveal = torch.zeros_like(masked).scatter_(1, score.topk(n, dim=1).indices, True)
+            x[reveal] = draw(model(x, reveal), temperature, generator)   # logits (B*n, V), row-major
+            continue
         logits = model(x, masked)                                      # (N, V) at masked positions
-        probs = torch.softmax(logits, -1)
-        if temperature > 0:
-            cdf = torch.softmax(logits / temperature, -1).cumsum(-1) if temperature != 1 else probs.cumsum(-1)
-            u = torch.rand(len(cdf), 1, generator=generator, device=dev) * cdf[:, -1:]
-            x0 = torch.searchsorted(cdf, u)[:, 0].clamp_max(cdf.shape[1] - 1)
-        else:
-            x0 = logits.argmax(-1)
-        if order == "confidence":
-            conf = probs.gather(1, x0[:, None])[:, 0]
-        else:
-            conf = torch.rand(x0.shape, generator=generator, device=dev)
+        x0 = draw(logits, temperature, generator)
         score = torch.full(x.shape, -math.inf, device=dev)
-        score[masked] = conf
-        reveal = torch.zeros_like(masked)
-        reveal.scatter_(1, score.topk(n, dim=1).indices, True)
+        score[masked] = torch.softmax(logits, -1).gather(1, x0[:, None])[:, 0]
+        reveal = torch.zeros_like(masked).scatter_(1, score.topk(n, dim=1).indices, True)
         proposal = torch.full_like(x, env.MASK)
         proposal[masked] = x0
         x = torch.where(reveal, proposal, x)
@@ -202,7 +232,7 @@ def sample(model, prompts, steps=None, temperature=1.0, order="random", generato
 
 
 def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", steps=None,
-             batch=512, generator=None):
+             batch=512, generator=None, progress=False):
     """Sample `per_prompt` rollouts for each prompt and score them.
 
     Returns (metrics dict, completions (B, L), prompt index (B,), reward (B,)), grouped by prompt.
@@ -210,7 +240,8 @@ def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", 
     ids = np.repeat(np.arange(len(prompts)), per_prompt)
     P = np.asarray(prompts)[ids]
     xs = [sample(model, P[i:i + batch], steps, temperature, order, generator).cpu().numpy()
-          for i in range(0, len(P), batch)]
+          for i in tqdm(range(0, len(P), batch), desc="rollouts", leave=False,
+                        disable=None if progress else True)]
     x = np.concatenate(xs)
     metrics, reward = rollout_metrics(wall, prompts, x, ids)
     return metrics, x, ids, reward
@@ -245,7 +276,8 @@ def load(path, device="cpu"):
         model = MDM(Config(**ck["config"])).to(device)
         model.load_state_dict(ck["model"])
     except Exception as e:                                             # corrupt, truncated, wrong file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]            # torch's advice runs for lines
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
     return model, ck
 
 
@@ -254,7 +286,7 @@ def training_set(wall, prompts, per_prompt, gen_len, seed=0, sigma=1.25):
     """(N, 3 + gen_len) sequences of diverse valid paths (perturbed shortest paths that fit)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for s, g in tqdm(prompts, desc="training paths", leave=False):
+    for s, g in tqdm(prompts, desc="training paths", leave=False, disable=None):
         paths = [p for p in env.perturbed_shortest_paths(wall, s, g, per_prompt, rng, sigma)
                  if len(p) <= gen_len]
         rows += [env.encode((s, g), p, gen_len) for p in paths]
@@ -271,7 +303,7 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
     model = MDM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     t0 = time.time()
-    bar = tqdm(range(steps), desc="pretrain")
+    bar = tqdm(range(steps), desc="pretrain", disable=None)          # None: no bar in a redirected log
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -291,21 +323,32 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
     return model, info
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help that shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).")
+    p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).",
+                                formatter_class=Help)
     p.add_argument("--steps", type=int, default=2400, help="pretraining steps (1332 s measured on 2 CPU cores)")
-    p.add_argument("--out", default="maze/base.pt", help="where the base checkpoint is written")
-    p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint")
+    p.add_argument("--out", default="runs/base.pt",
+                   help="where the base checkpoint is written (the committed one: --out maze/base.pt)")
+    p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (no pretraining)")
     p.add_argument("--paper", action="store_true", help="the 8.5M-parameter preset, near the paper's 8.9M (GPU)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=128, help="sequences per pretraining step")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
     p.add_argument("--rollouts", type=int, default=512, help="evaluation rollouts (all prompts)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
-    p.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: gen_len)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--sample_steps", type=int, default=64, help="sampling steps (64 = one token per step)")
+    p.add_argument("--seed", type=int, default=0, help="seeds pretraining and the evaluation rollouts")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     if a.eval:

@@ -6,7 +6,8 @@ convex problem with nothing to generalise. The model's terminal law is the rando
 one uniformly chosen masked position per step), computed exactly by averaging over the L! orders.
 
     python tests/tabular.py     # anneal a = 0 -> 1 with phi in {0, 1} and several eta; TV to the
-                                # exact tilted law after each phase -> figures/exact_tilt.png
+                                # exact tilted law after each phase; the control variate's variance;
+                                # the same from bases that are not self-consistent -> figures/exact_tilt.png
 
 The tests that use it are tests/test_exact_tilt.py.
 """
@@ -153,14 +154,71 @@ def tilted(p0, r, a):
 
 def anneal(p0, r, eta, phi, n, a_max=1.0, seed=0):
     """DTM from a = 0 to a_max; the TV between the model's exact law and p0 e^{a r} / Z per phase."""
+    return anneal_from(posterior_table(p0), r, eta, phi, n, a_max, seed)[0]
+
+
+def anneal_from(table, r, eta, phi, n, a_max=1.0, seed=0):
+    """DTM from any table (its own law q0 is the base): the TV to q0 e^{a r} / Z after each phase, and
+    the realised fraction of the exact tilt's reward gain at a_max, (E_q[r] - E_q0[r]) / (E_tilt[r] - E_q0[r])."""
     g = torch.Generator().manual_seed(seed)
-    table = posterior_table(p0)
+    q0 = terminal_law(table)
     K = round(a_max / eta)
-    out = [tv(terminal_law(table), p0)]
+    out = [0.0]
     for k in range(1, K + 1):
         table = dtm_phase(table, r, n, eta, phi, g)
-        out.append(tv(terminal_law(table), tilted(p0, r, k * eta)))
-    return out
+        out.append(tv(terminal_law(table), tilted(q0, r, k * eta)))
+    gain = ((tilted(q0, r, a_max) - q0) * r).sum()
+    return out, (((terminal_law(table) - q0) * r).sum() / gain).item()
+
+
+def noisy_table(p0, noise, seed=0):
+    """The exact posterior table of p0 plus N(0, noise^2) on every logit: a model whose rows are not
+    the posteriors of its own sampling law (not self-consistent), like a trained network."""
+    g = torch.Generator().manual_seed(seed)
+    table = posterior_table(p0)
+    return table + noise * torch.randn(table.shape, generator=g, dtype=table.dtype)
+
+
+def cell_weights(q):
+    """The table cells that x1 ~ q visits under the forward masking, with their ELBO weights."""
+    x1r, mask, w, cells = masked_batch(X)
+    weight = (w * q.repeat_interleave(len(PATTERNS)))[mask.nonzero()[:, 0]]     # per masked token
+    return cells, weight / weight.sum()
+
+
+def inconsistency(table):
+    """Mean TV between the table's rows and the posteriors of its own law q = terminal_law(table),
+    over the cells x1 ~ q visits (ELBO-weighted): 0 exactly when the model is self-consistent."""
+    q = terminal_law(table)
+    cells, weight = cell_weights(q)
+    rows = F.softmax(table[cells], -1)
+    post = F.softmax(posterior_table(q)[cells], -1)
+    return (weight * 0.5 * (rows - post).abs().sum(-1)).sum().item()
+
+
+def self_consistency_gap(table):
+    """The maze's cheap diagnostic (maze.mdm.self_consistency_gap) in exact expectation: the mean
+    cross-entropy of x1^i under the row minus the row's entropy, over x1 ~ q and its maskings."""
+    q = terminal_law(table)
+    cells, weight = cell_weights(q)
+    x1r, mask, _, _ = masked_batch(X)
+    logp = F.log_softmax(table[cells], -1)
+    ce = -logp.gather(1, x1r[mask][:, None])[:, 0]
+    ent = -(logp.exp() * logp).sum(-1)
+    return (weight * (ce - ent)).sum().item()
+
+
+def inconsistent_minimiser(teacher, r, eta, phi):
+    """The pointwise minimiser of the expected DTM loss when x1 ~ q, the teacher's own law, but the
+    teacher's rows p_a are not q's posteriors post: T + phi (p_a - post) / E_q[e^{eta r} | x_t],
+    T = E_q[e^{eta r} 1{X1^i = v} | x_t] / E_q[e^{eta r} | x_t]. Per visited cell, (N, V)."""
+    q = terminal_law(teacher)
+    cells, _ = cell_weights(q)
+    tilt = q * torch.exp(eta * r)
+    T = F.softmax(posterior_table(tilt)[cells], -1)
+    post = F.softmax(posterior_table(q)[cells], -1)
+    E = posterior_table(tilt)[cells].logsumexp(-1).exp() / posterior_table(q)[cells].logsumexp(-1).exp()
+    return cells, T + phi * (F.softmax(teacher[cells], -1) - post) / E[:, None]
 
 
 def problem(seed=0):
@@ -177,7 +235,7 @@ if __name__ == "__main__":
     import matplotlib.pyplot as plt
     p0, r = problem()
     print(f"TV(p0, exact tilt at a=1) = {tv(p0, tilted(p0, r, 1.0)):.3f}")
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 3.8))
     for phi, style in ((1.0, "-"), (0.0, "--")):
         for eta in (0.5, 0.25, 0.1):
             d = anneal(p0, r, eta, phi, n=2000)
@@ -194,11 +252,30 @@ if __name__ == "__main__":
     ratio = [gradient_variance(table, r, eta, 1.0, 4000, torch.Generator().manual_seed(1))
              / gradient_variance(table, r, eta, 0.0, 4000, torch.Generator().manual_seed(1)) for eta in etas]
     print("gradient variance phi=1 / phi=0:", " ".join(f"eta={e:g}: {v:.4f}" for e, v in zip(etas, ratio)))
-    bx.loglog(etas, ratio, "o-")
+    bx.loglog(etas, ratio, "o-", label="measured")
+    bx.loglog(etas, [e ** 2 for e in etas], "k:", label="eta^2")
     bx.axhline(1.0, color="gray", lw=0.8)
     bx.set_xlabel("eta")
     bx.set_ylabel("Var[grad] phi=1 / phi=0")
     bx.set_title("control variate (Prop. 3.3), at the teacher")
+    bx.legend(fontsize=7)
+    # a base that is not self-consistent: the exact posterior table of p0 plus noise on its logits
+    noises = (0.0, 0.25, 0.5, 1.0, 2.0)
+    inc = [inconsistency(noisy_table(p0, s)) for s in noises]
+    gap = [self_consistency_gap(noisy_table(p0, s)) for s in noises]
+    for phi, style in ((1.0, "o-"), (0.0, "s--")):
+        runs = [anneal_from(noisy_table(p0, s), r, 0.1, phi, 4000) for s in noises]
+        for s, i, gp, (d, f) in zip(noises, inc, gap, runs):
+            q0 = terminal_law(noisy_table(p0, s))
+            print(f"noise {s:g}: inconsistency {i:.3f}, CE - H gap {gp:.3f}; phi={phi:g} eta=0.1: TV at a=1 "
+                  f"{d[-1]:.3f} (untrained {tv(q0, tilted(q0, r, 1.0)):.3f}), realised reward fraction {f:.3f}")
+        cx.plot(inc, [d[-1] for d, _ in runs], style, color="tab:red", label=f"TV at a=1, phi={phi:g}")
+        cx.plot(inc, [f for _, f in runs], style, color="tab:blue", label=f"realised reward fraction, phi={phi:g}")
+    cx.plot(inc, [tv(terminal_law(noisy_table(p0, s)), tilted(terminal_law(noisy_table(p0, s)), r, 1.0))
+                  for s in noises], "k:", label="TV at a=1, untrained")
+    cx.set_xlabel("inconsistency: mean TV(rows, posteriors of own law)")
+    cx.set_title("from a base that is not self-consistent (eta 0.1)")
+    cx.legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures", "exact_tilt.png")
     fig.savefig(out, dpi=100)

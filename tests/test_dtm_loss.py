@@ -1,6 +1,6 @@
 """The DTM loss against exact answers: a tabular p_a over all V^L sequences, every masked state enumerated.
 
-Notation as in dtm.py / SPEC §3: x1 ~ p_a, x_t = x1 with a subset of positions masked, i a masked position.
+Notation as in dtm.py and the paper §3: x1 ~ p_a, x_t = x1 with a subset of positions masked, i a masked position.
 """
 import itertools
 import math

@@ -1,0 +1,51 @@
+"""The tiny maze MDM's forward process and diagnostics (maze/mdm.py), against their closed forms."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maze import env
+from maze.mdm import MDM, PROMPT_LEN, Config, mask_completions, self_consistency_gap
+
+
+def test_mask_completions_masks_half_the_completion_on_average_and_never_the_prompt():
+    """t ~ U(0, 1) and each completion token is masked with probability 1 - t: E[mask rate] = 1/2."""
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.zeros(100_000, PROMPT_LEN + 8, dtype=torch.long)
+    x_t, mask, hazard = mask_completions(x1, g)
+    assert not mask[:, :PROMPT_LEN].any()
+    assert mask[:, PROMPT_LEN:].float().mean().item() == pytest.approx(0.5, abs=0.002)
+    assert ((x_t == env.MASK) == mask).all()
+    t = 1 - 1 / hazard                                                  # hazard = 1 / (1 - t)
+    assert t.min() >= 0 and t.max() < 1
+    assert torch.sort(t).values[:: 10_000].tolist() == pytest.approx([k / 10 for k in range(10)], abs=1e-3)
+
+
+@pytest.mark.parametrize("n", range(3, 9))
+def test_hazard_weight_given_n_masks_averages_L_plus_1_over_n(n):
+    """Given n of L tokens masked, 1 - t ~ Beta(n + 1, L - n + 1), so E[1 / (1 - t) | n] = (L + 1) / n:
+    the ELBO's hazard weight lambda(t) / L has the mean (L + 1) / (L n) of the released code's 1/n
+    form. (n = 1, 2 have a heavy-tailed 1 / (1 - t), not checked by sampling.)"""
+    L = 8
+    g = torch.Generator().manual_seed(n)
+    x1 = torch.zeros(400_000, PROMPT_LEN + L, dtype=torch.long)
+    _, mask, hazard = mask_completions(x1, g)
+    h = hazard[mask.sum(1) == n].double()
+    assert len(h) > 20_000
+    assert h.mean().item() == pytest.approx((L + 1) / n, rel=4 * h.std().item() / math.sqrt(len(h)) / ((L + 1) / n) + 1e-3)
+
+
+def test_self_consistency_gap_is_cross_entropy_minus_entropy_at_the_masked_tokens():
+    torch.manual_seed(0)
+    model = MDM(Config(n_layer=1, n_head=2, d_model=32)).eval()
+    prompts = torch.tensor(env.make_prompts(env.make_maze())).repeat(4, 1)
+    x1 = torch.cat([prompts, torch.full((32, 1), env.SEP), torch.randint(env.N_CELLS, (32, 64))], 1)
+    got = self_consistency_gap(model, x1, torch.Generator().manual_seed(5))
+    x_t, mask, _ = mask_completions(x1, torch.Generator().manual_seed(5))    # the same masking
+    with torch.no_grad():
+        logp = F.log_softmax(model(x_t, mask), -1)
+    ce = -logp.gather(1, x1[mask][:, None]).mean().item()
+    ent = -(logp.exp() * logp).sum(-1).mean().item()
+    assert got["ce"] == pytest.approx(ce, rel=1e-5) and got["entropy"] == pytest.approx(ent, rel=1e-5)
+    assert got["gap"] == pytest.approx(ce - ent, rel=1e-4) and got["gap_se"] > 0
