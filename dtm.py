@@ -253,9 +253,10 @@ def run(args):
             h.update(realised_fraction(now, exact, base))
         h.update(extra)
         history.append(h)
+        phase = {k: f", phase target {h['teacher_target_' + k]:.3f}" if a > 0 else "" for k in ("validity", "reward")}
         line = (f"a={a:.2f}  n={h['n']}  validity {h['validity']:.3f}±{h['validity_se']:.3f} "
-                f"(exact {h['exact_validity']:.3f})  reward {h['reward']:.3f}±{h['reward_se']:.3f} "
-                f"(exact {h['exact_reward']:.3f})")
+                f"(exact {h['exact_validity']:.3f}{phase['validity']})  reward {h['reward']:.3f}±"
+                f"{h['reward_se']:.3f} (exact {h['exact_reward']:.3f}{phase['reward']})")
         if a > 0:
             line += (f"  realised {h['realised_validity']:.2f}±{h['realised_validity_se']:.2f} / "
                      f"{h['realised_reward']:.2f}±{h['realised_reward_se']:.2f}")
@@ -357,12 +358,12 @@ def load_rollouts(out, a, wall, prompts):
     return x, ids, env.score(wall, x, np.asarray(prompts)[ids])[0]
 
 
-def draw_rollouts(axes, out, a, wall, prompts, per_prompt, colour):
+def draw_rollouts(axes, out, a, wall, prompts, per_prompt, colour, legend=True):
     """The first per_prompt rollouts at tilt a of the first prompts, one panel each (valid ones drawn)."""
     x, ids, valid = load_rollouts(out, a, wall, prompts)
     for p, ax in enumerate(axes):
         sel = np.nonzero(ids == p)[0][:per_prompt]
-        env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=p == 0,
+        env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=legend and p == 0,
                           title=f"a={a:.1f}  prompt {p}: valid {valid[sel].sum()}/{len(sel)}")
 
 
@@ -475,13 +476,13 @@ def sweep(args):
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
     M = args.rollouts_per_prompt
-    fig, axes = plt.subplots(2, len(etas) + 2, figsize=(3.4 * (len(etas) + 2), 7.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(etas) + 2, figsize=(3.4 * (len(etas) + 2), 8.4), squeeze=False)
     draw_rollouts([axes[0, 0]], runs[0][0].out, 0.0, wall, prompts, M, "tab:gray")   # the base, a = 0
     axes[0, 0].set_title("the base\n" + axes[0, 0].get_title(), fontsize=9)
     axes[1, 0].axis("off")
     for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
         ax = axes[int(r["phi"]), len(etas) + 1 if r["control"] else etas.index(r["eta"]) + 1]
-        draw_rollouts([ax], sub.out, a, wall, prompts, M, "tab:red")
+        draw_rollouts([ax], sub.out, a, wall, prompts, M, "tab:red", legend=False)
         ax.set_title(f"phi={r['phi']:g} eta={r['eta']:g}{' control' if r['control'] else ''}\n"
                      + ax.get_title(), fontsize=9)
     fig.suptitle(f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run: {M} rollouts of prompt 0")
