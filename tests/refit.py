@@ -1,0 +1,70 @@
+"""Can the maze network hold a law it is trained on? ELBO fine-tuning of the committed base on data
+drawn three ways, then the validity of its own rollouts (README: "The network loses about 40% of the
+valid mass whenever it fits a law").
+
+  a = 0:    the base's reference rollouts (dtm.py: base_reference) resampled with weights e^{0 r}:
+            its own law, so a model that could hold its law would not move;
+  a = 0.5:  the same resampled with e^{0.5 r}: the exact tilt p_0 e^{0.5 r} / Z, the target of DTM;
+  paths:    fresh training paths (all valid), as in pretraining.
+
+    python tests/refit.py 400 1e-4 0 0.5 paths      # steps, AdamW lr, then the data sets (~4 min each)
+"""
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import dtm                                                                           # noqa: E402
+from maze import env                                                                 # noqa: E402
+from maze.mdm import PROMPT_LEN, elbo_loss, load, mask_completions, training_set     # noqa: E402
+
+
+def resampled(comp, r, prompts, a, rng):
+    """Per prompt, n draws with replacement from its n reference rollouts, with weights e^{a r}."""
+    P, n, _ = comp.shape
+    rows = []
+    for p in range(P):
+        w = np.exp(a * r[p])
+        idx = rng.choice(n, size=n, p=w / w.sum())
+        rows.append(np.concatenate([np.repeat(np.asarray(prompts)[p][None], n, 0), np.full((n, 1), env.SEP),
+                                    comp[p, idx]], 1))
+    return torch.as_tensor(np.concatenate(rows))
+
+
+def main(steps, lr, names):
+    ref = np.load(glob.glob(os.path.join(ROOT, "maze", "base_reference_*.npz"))[0])
+    comp, r = ref["completions"].astype(np.int64), ref["reward"]
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    for name in names:
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        data = (training_set(wall, prompts, 1000, comp.shape[-1], seed=7) if name == "paths"
+                else resampled(comp, r, prompts, float(name), rng))
+        model, _ = load(os.path.join(ROOT, "maze", "base.pt"))
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+        t0 = time.time()
+        model.train()
+        for _ in range(steps):
+            x1 = data[torch.randint(len(data), (128,))]
+            x_t, mask, hazard = mask_completions(x1)
+            loss = elbo_loss(model(x_t, mask), x1, mask, hazard)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        _, rr, valid = dtm.rollouts(model, prompts, 128, dtm.parse([]), wall, torch.Generator().manual_seed(1))
+        m = dtm.tilted_means(rr.numpy(), valid.numpy(), 0.0)
+        data_valid = env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0].mean()
+        print(f"{name}: {steps} steps AdamW lr {lr}: data validity {data_valid:.3f}; model validity "
+              f"{m['validity']:.3f}±{m['validity_se']:.3f} reward {m['reward']:.3f}±{m['reward_se']:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:])
