@@ -65,7 +65,7 @@ def test_phi1_cuts_the_gradient_variance_at_small_eta():
 def test_a_negative_per_sample_target_makes_the_loss_unbounded():
     """With phi = 1 and r << 0, e^{eta r} - phi < 0: a state seen with one rare token has a negative
     target there, and pushing that token's logit down lowers the loss without bound. The tilt is the
-    same for r - 3 and r, but the annealing falls apart; dtm.py therefore feeds r - min r >= 0."""
+    same for r - 3 and r, but the annealing falls apart; dtm.py therefore feeds r + 1 >= 0 (r >= -1)."""
     assert final_tv(1.0) <= 0.02 and final_tv(1.0, shift=-3.0) > 0.3, (final_tv(1.0), final_tv(1.0, -3.0))
 
 
