@@ -124,17 +124,24 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
 
 
 # ----------------------------------------------------------------------------- the replay buffer
+def with_prompts(prompts, comp):
+    """Whole sequences [s, g, SEP, c_1 .. c_L] (P, n, 3 + L) from completions comp (P, n, L) of the P prompts."""
+    comp = torch.as_tensor(comp)
+    P, n, _ = comp.shape
+    pr = torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, n, 2)
+    return torch.cat([pr, torch.full((P, n, 1), env.SEP), comp], 2)
+
+
 def rollouts(teacher, prompts, per_prompt, args, wall, gen, progress=False):
     """Teacher rollouts for every prompt, scored.
 
     Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt) and valid (P, per_prompt).
     """
     P = len(prompts)
-    _, comp, ids, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
-                               args.sample_steps, generator=gen, progress=progress)
-    pr = torch.as_tensor(prompts)[torch.as_tensor(ids)]
-    x1 = torch.cat([pr, torch.full((len(pr), 1), env.SEP), torch.as_tensor(comp)], 1)
-    return (x1.view(P, per_prompt, -1), torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt),
+    _, comp, _, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
+                             args.sample_steps, generator=gen, progress=progress)   # grouped by prompt
+    return (with_prompts(prompts, comp.reshape(P, per_prompt, -1)),
+            torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt),
             torch.as_tensor(r > env.INVALID_REWARD).view(P, per_prompt))
 
 
@@ -269,8 +276,7 @@ def run(args):
         gen.manual_seed(args.seed + start)
         pick.manual_seed(args.seed + start)
         x, ids, _ = load_rollouts(args.out, history[-1]["a"], wall, prompts)
-        x1_all = torch.cat([torch.as_tensor(np.asarray(prompts))[ids], torch.full((len(x), 1), env.SEP),
-                            torch.as_tensor(x)], 1).view(P, -1, PROMPT_LEN + L)
+        x1_all = with_prompts(prompts, x.reshape(P, -1, L))
         r_all = env.score(wall, x, np.asarray(prompts)[ids])[1].reshape(P, -1)
         print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
     else:
@@ -278,12 +284,10 @@ def run(args):
         history, start = [], 0
         # a = 0: the model is the base, measured by the reference; the buffer is M of its rollouts
         row(0.0, ref_x, ref_r, ref_valid, {})
-        x1_all = torch.cat([torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, ref_x.shape[1], 2),
-                            torch.full((P, ref_x.shape[1], 1), env.SEP), torch.as_tensor(ref_x)], 2)
-        r_all = ref_r
-    order = torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M] for _ in range(P)])
-    rows_ = torch.arange(P)[:, None]
-    x1_buf, r_buf = x1_all[rows_, order].clone(), torch.as_tensor(r_all, dtype=torch.float32)[rows_, order].clone()
+        x1_all, r_all = with_prompts(prompts, ref_x), ref_r
+    pick_m = (torch.arange(P)[:, None], torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M]
+                                                     for _ in range(P)]))     # M of them per prompt
+    x1_buf, r_buf = x1_all[pick_m], torch.as_tensor(r_all, dtype=torch.float32)[pick_m]
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
         eta_loss = 1e-6 if args.control else eta                       # --control: the same run, no tilt

@@ -27,13 +27,9 @@ from maze.mdm import PROMPT_LEN, elbo_loss, load, mask_completions, training_set
 def resampled(comp, r, prompts, a, rng):
     """Per prompt, n draws with replacement from its n reference rollouts, with weights e^{a r}."""
     P, n, _ = comp.shape
-    rows = []
-    for p in range(P):
-        w = np.exp(a * r[p])
-        idx = rng.choice(n, size=n, p=w / w.sum())
-        rows.append(np.concatenate([np.repeat(np.asarray(prompts)[p][None], n, 0), np.full((n, 1), env.SEP),
-                                    comp[p, idx]], 1))
-    return torch.as_tensor(np.concatenate(rows))
+    w = np.exp(a * r)                                                                # (P, n)
+    idx = np.stack([rng.choice(n, size=n, p=w[p] / w[p].sum()) for p in range(P)])
+    return dtm.with_prompts(prompts, comp[np.arange(P)[:, None], idx]).flatten(0, 1)
 
 
 def main(steps, lr, names):
