@@ -1,4 +1,4 @@
-"""Shared pytest set-up: the repository root on sys.path, and the `slow` marker.
+"""Shared pytest set-up: the repository root on sys.path, the `slow` marker, and the tiny LLaDA.
 
     python -m pytest              # the default run: fast tests only (< 10 min on 2 CPU cores)
     python -m pytest -m slow      # the end-to-end runs (several minutes each)
@@ -6,7 +6,17 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(path, state): a tiny random LLaDA written once per test run (tests/llada_tiny.py); read-only."""
+    from llada_tiny import write_tiny_llada
+    path = str(tmp_path_factory.mktemp("tiny_llada"))
+    return path, write_tiny_llada(path)
 
 
 def pytest_configure(config):

@@ -1,14 +1,16 @@
 """A tiny random LLaDA written to disk in the real HF layout (2 shards + index, config.json,
-tokenizer.json), for the tests of llada_finetune.py. Nothing is downloaded.
+tokenizer.json), for the tests of llada/ and llada_finetune.py. Nothing is downloaded.
 
-    write_tiny_llada(path)  ->  the tensors it wrote, by their HF key
+    write_tiny_llada(path)     ->  the tensors it wrote, by their HF key
+    randomise_adapters(model)  ->  non-zero LoRA B matrices, so that an adapter changes the output
 """
 import json
 import os
 
 import torch
 
-from llada_finetune import save_safetensors
+from llada.lora import lora_layers
+from llada.model import save_safetensors
 
 SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
            "<|mdm_mask|>"]                     # ids 0..5 in the tiny tokenizer
@@ -65,3 +67,10 @@ def write_tiny_llada(path, seed=0):
         json.dump(CONFIG, f)
     write_tokenizer(path)
     return state
+
+
+def randomise_adapters(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)

@@ -1,0 +1,134 @@
+"""llada_finetune.py on the tiny random LLaDA (tests/llada_tiny.py): SAR masking, kill and resume, a full
+run with its PEFT adapter and evaluation table, one-line errors, and two ranks under torchrun.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llada_finetune as lf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- SAR masking
+def test_sar_masking_masks_only_the_active_block_and_everything_after_it():
+    comp = torch.randint(6, 300, (200, 12))
+    x_t, counted, w = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(0))
+    for b in range(200):
+        m = x_t[b] == 5
+        k = int(torch.nonzero(counted[b])[0]) // 4 if counted[b].any() else None
+        if k is None:
+            continue
+        blocks = torch.arange(12) // 4
+        assert (blocks[counted[b]] == k).all()                        # counted only in the active block
+        assert not m[blocks < k].any() and m[blocks > k].all()        # earlier clean, later masked
+        assert torch.equal(m[blocks == k], counted[b][blocks == k])
+        assert torch.equal(x_t[b][~m], comp[b][~m])
+    assert counted.any(1).float().mean() > 0.3 and (w > 0).all()
+
+
+def test_sar_masking_hazard_weight_makes_the_expected_count_per_token_one():
+    """E[1{counted} / (1 - t)] over t ~ U(0,1) is 1 per token of the active block: the SAR loss is an
+    unbiased per-token cross-entropy (times K), the ELBO's form."""
+    comp = torch.zeros(20000, 4, dtype=torch.long)
+    _, counted, w = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(1))
+    assert (counted.sum(1) * w * 4 / 4).mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+# ----------------------------------------------------------------------------- training and CLI
+def run_cli(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, "llada_finetune.py", *args], cwd=cwd, capture_output=True,
+                          text=True, env=env)
+
+
+def train_args(tiny_dir, out, *extra):
+    return ["--model_dir", tiny_dir, "--task", "countdown", "--out", out, "--gen_length", "8",
+            "--block_length", "4", "--tokens_per_step", "2", "--eta", "0.5", "--a_max", "1.5",
+            "--steps_per_phase", "2", "--batch", "4", "--micro_batch", "2", "--buffer_prompts", "3",
+            "--completions", "2", "--refresh_prompts", "1", "--refresh_every", "1", "--lora_r", "4",
+            "--lr", "1e-2", "--min_lr", "1e-3", "--save_every", "0", "--rollout_batch", "4", "--device", "cpu",
+            *extra]
+
+
+def adapters(path):
+    return torch.load(path, weights_only=True)["student"]
+
+
+def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path):
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    lf.main(train_args(tiny[0], straight, "--stop_after", "5"))
+    lf.main(train_args(tiny[0], split, "--stop_after", "3"))        # "killed" mid phase 2
+    lf.main(train_args(tiny[0], split, "--stop_after", "5", "--resume"))
+    a, b = adapters(os.path.join(straight, "state_rank0.pt")), adapters(os.path.join(split, "state_rank0.pt"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        for x, y in zip(a[k], b[k]):
+            assert torch.equal(x, y), k
+        moved += a[k][1].abs().sum().item()
+    assert moved > 0                                                  # training did change the adapters
+    rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [r["global_step"] for r in rows if "global_step" in r] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_full_run_writes_a_peft_adapter_and_eval_prints_a_table(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    lf.main(train_args(tiny[0], out, "--a_max", "0.5"))
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
+    r = run_cli("--model_dir", tiny[0], "--task", "countdown", "--eval", "--eval_lengths", "8", "16",
+                "--block_length", "4", "--eval_limit", "3", "--adapter", os.path.join(out, "adapter"),
+                "--lora_r", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "| task | gen 8 | gen 16 |" in r.stdout and "| countdown (3) |" in r.stdout
+
+
+@pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),
+                                            (["--eta", "-1"], "--eta must be > 0"),
+                                            (["--phi", "2"], "--phi must be in [0, 1]")])
+def test_bad_flags_give_a_one_line_error(tiny, flags, message):
+    r = run_cli("--model_dir", tiny[0], "--task", "sudoku", *flags)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_and_missing_data_give_a_one_line_error(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (bad / name).write_bytes(open(os.path.join(tiny[0], name), "rb").read())
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    r = run_cli("--model_dir", str(bad), "--task", "countdown", "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = run_cli("--model_dir", tiny[0], "--task", "gsm8k", "--device", "cpu")
+    assert r.returncode == 1 and "needs a local JSONL file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_resume_state_gives_a_one_line_error(tiny, tmp_path):
+    (tmp_path / "state_rank0.pt").write_bytes(b"not a torch file")
+    r = run_cli(*train_args(tiny[0], str(tmp_path), "--resume"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "cannot resume (corrupt" in r.stderr
+
+
+def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "llada_finetune.py",
+           *train_args(tiny[0], out, "--stop_after", "2")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=True) for k in (0, 1))
+    assert s0["lora_checksum"] == s1["lora_checksum"]          # the same adapters after 2 steps
+    assert "student" in s0 and "student" not in s1             # saved once, by rank 0
+    assert not torch.equal(s0["buffer"]["comp"], s1["buffer"]["comp"])   # a buffer per rank
+    # all-reduced gradients keep the ranks in step: rank 1, resumed from the shared adapters, takes
+    # its next step to the same weights as rank 0 (both continue to step 3 and save)
+    r = subprocess.run(cmd[:-1] + ["3", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1: resumed" in r.stdout and "rank 1: stopped at phase 2, step 1" in r.stdout
+    s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=True) for k in (0, 1))
+    assert s0["global_step"] == s1["global_step"] == 3 and s0["lora_checksum"] == s1["lora_checksum"]

@@ -1,0 +1,71 @@
+"""llada/lora.py on the tiny random LLaDA (tests/llada_tiny.py): the adapter at init is the base, merge
+and unmerge are exact, the PEFT layout round-trips, and teacher_mode runs the phase's snapshot.
+"""
+import json
+
+import torch
+
+import llada.lora as lora
+import llada.model as lm
+from llada_tiny import CONFIG, randomise_adapters
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_at_init_equals_the_base_and_only_adapters_train(tiny):
+    base = lm.load_model(tiny[0])
+    wrapped = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(0, 300, (2, 6))
+    torch.testing.assert_close(wrapped(ids), base(ids), rtol=0, atol=0)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert len(trainable) == 2 * len(lora.LORA_TARGETS) * CONFIG["n_layers"]
+
+
+
+def test_merge_equals_the_unmerged_forward_and_unmerge_restores_the_base(tiny):
+    # float64, so that the only difference left is the order of the sums (W + BA)x vs Wx + B(Ax)
+    model = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0).double()
+    randomise_adapters(model)
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(5))
+    w0 = model.blocks[0].q_proj.base.weight.clone()
+    before = model(ids)
+    for m in lora.lora_layers(model).values():
+        m.merge()
+    assert not torch.equal(model.blocks[0].q_proj.base.weight, w0)
+    torch.testing.assert_close(model(ids), before, rtol=1e-10, atol=1e-10)
+    for m in lora.lora_layers(model).values():
+        m.unmerge()
+    torch.testing.assert_close(model.blocks[0].q_proj.base.weight, w0, rtol=0, atol=1e-12)
+
+
+def test_adapter_saves_in_peft_layout_and_loads_back(tiny, tmp_path):
+    a = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0)
+    randomise_adapters(a, seed=1)
+    lora.save_adapter(a, str(tmp_path), r=4, alpha=8, dropout=0.0)
+    cfg = json.load(open(tmp_path / "adapter_config.json"))
+    keys = lm.load_safetensors(str(tmp_path / "adapter_model.safetensors"))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert "base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight" in keys
+    assert keys["base_model.model.model.transformer.blocks.1.ff_out.lora_B.weight"].shape == (32, 4)
+    import re
+    assert re.fullmatch(cfg["target_modules"], "model.transformer.blocks.3.ff_out")
+    assert not re.fullmatch(cfg["target_modules"], "model.transformer.ff_out")      # not the LM head
+    b = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0)
+    lora.load_adapter(b, str(tmp_path))
+    ids = torch.randint(0, 300, (1, 5))
+    torch.testing.assert_close(b(ids), a(ids), rtol=0, atol=0)
+
+
+def test_teacher_mode_runs_the_adapter_snapshot_not_the_student(tiny):
+    model = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(0, 300, (1, 5))
+    base = model(ids)
+    randomise_adapters(model)                          # the student moves; the teacher is still the base
+    with lora.teacher_mode(model):
+        torch.testing.assert_close(model(ids), base, rtol=0, atol=0)
+    lora.snapshot_teacher(model)                         # a new phase: the teacher becomes the student
+    student = model(ids)
+    assert not torch.allclose(student, base)
+    with lora.teacher_mode(model):
+        torch.testing.assert_close(model(ids), student, rtol=0, atol=0)
+

@@ -1,0 +1,231 @@
+"""llada/model.py on a tiny random LLaDA written in the real HF layout (tests/llada_tiny.py): the
+network against a slow per-head reference, the safetensors reader on good and bad files, and the
+sampler against a step-by-step transcription of LLaDA's generate.py.
+"""
+import json
+import math
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llada.lora as lora
+import llada.model as lm
+from llada_tiny import CONFIG, randomise_adapters
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return lm.load_model(tiny[0])
+
+
+# ----------------------------------------------------------------------------- the model
+def reference_logits(state, c, ids):
+    """LLaDA.md's block written out per position and per head, in float64 (no padding)."""
+    W = {k[len("model.transformer."):]: v.double() for k, v in state.items()}
+    T, D, nh, nkv = len(ids), c["d_model"], c["n_heads"], c["n_kv_heads"]
+    hd = D // nh
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + c["rms_norm_eps"])
+
+    def rot(v, p):                                    # rotate-half RoPE of one head vector at position p
+        half, out = hd // 2, v.clone()
+        for i in range(half):
+            ang = p * c["rope_theta"] ** (-2 * i / hd)
+            out[i] = v[i] * math.cos(ang) - v[i + half] * math.sin(ang)
+            out[i + half] = v[i + half] * math.cos(ang) + v[i] * math.sin(ang)
+        return out
+
+    x = W["wte.weight"][ids]
+    for n in range(c["n_layers"]):
+        b = lambda name: W[f"blocks.{n}.{name}.weight"]                                # noqa: E731
+        h = rms(x, b("attn_norm"))
+        q, k, v = h @ b("q_proj").T, h @ b("k_proj").T, h @ b("v_proj").T
+        heads = []
+        for j in range(nh):
+            g = j // (nh // nkv)                       # the kv head this query head reads
+            qj = torch.stack([rot(q[t, j * hd:(j + 1) * hd], t) for t in range(T)])
+            kj = torch.stack([rot(k[t, g * hd:(g + 1) * hd], t) for t in range(T)])
+            att = torch.softmax(qj @ kj.T / math.sqrt(hd), -1)       # bidirectional: no causal mask
+            heads.append(att @ v[:, g * hd:(g + 1) * hd])
+        x = x + torch.cat(heads, -1) @ b("attn_out").T
+        h = rms(x, b("ff_norm"))
+        x = x + (F.silu(h @ b("ff_proj").T) * (h @ b("up_proj").T)) @ b("ff_out").T
+    return rms(x, W["ln_f.weight"]) @ W["ff_out.weight"].T
+
+
+def test_two_shard_checkpoint_forward_equals_a_slow_per_head_reference(tiny, model):
+    path, state = tiny
+    ids = torch.randint(0, CONFIG["embedding_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    logits = model(ids)
+    assert logits.shape == (2, 11, CONFIG["embedding_size"]) and torch.isfinite(logits).all()
+    for b in range(2):
+        torch.testing.assert_close(logits[b].double(), reference_logits(state, CONFIG, ids[b]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_with_attention_mask_gives_the_unpadded_logits(model):
+    ids = torch.randint(6, 300, (1, 9), generator=torch.Generator().manual_seed(2))
+    padded, am = lm.left_pad([ids[0].tolist(), list(range(6, 20))], pad_id=1)
+    torch.testing.assert_close(model(padded, am)[0, -9:], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_only_where_asked_equal_the_full_logits_there(model):
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    where = torch.rand(2, 7, generator=torch.Generator().manual_seed(4)) < 0.5
+    torch.testing.assert_close(model(ids, where=where), model(ids)[where])
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)                           # the same LoRA A in both
+        model = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0)
+        randomise_adapters(model)
+        model.checkpointing = ckpt
+        ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(6))
+        model(ids).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- safetensors
+def test_safetensors_round_trip_of_every_supported_dtype(tmp_path):
+    ts = {f"t_{name}": torch.randn(3, 5).to(dt) for name, dt in lm.DTYPES.items()}
+    ts["empty"] = torch.zeros(0, 4)
+    lm.save_safetensors(ts, str(tmp_path / "x.safetensors"), {"k": "v"})
+    back = lm.load_safetensors(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(ts)
+    for k in ts:
+        assert back[k].dtype == ts[k].dtype and torch.equal(back[k], ts[k])
+
+
+def write_raw(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, header, data, message", [
+    ("offsets past the data", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8,
+     "outside"),
+    ("size disagrees with shape", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"\0" * 8,
+     "need 16"),
+    ("unknown dtype", {"w": {"dtype": "I4", "shape": [4], "data_offsets": [0, 2]}}, b"\0" * 2, "dtype 'I4'"),
+    ("malformed entry", {"w": {"dtype": "F32", "shape": "4"}}, b"", "malformed"),
+])
+def test_bad_safetensors_files_raise_a_clear_error(tmp_path, case, header, data, message):
+    with pytest.raises(lm.CheckpointError, match=message):
+        lm.load_safetensors(write_raw(tmp_path / "bad.safetensors", header, data))
+
+
+def test_truncated_file_and_header_past_eof_raise_a_clear_error(tmp_path):
+    good = str(tmp_path / "good.safetensors")
+    lm.save_safetensors({"w": torch.randn(64)}, good)
+    blob = open(good, "rb").read()
+    for name, content, message in [("short", blob[:5], "too short"),
+                                   ("cut", blob[:-10], "outside"),
+                                   ("hdr", struct.pack("<Q", 10 ** 9) + blob[8:], "past the end"),
+                                   ("json", blob[:8] + b"\xff" * (len(blob) - 8), "not valid JSON")]:
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(content)
+        with pytest.raises(lm.CheckpointError, match=message):
+            lm.load_safetensors(str(p))
+
+
+def test_checkpoint_errors_name_the_missing_unexpected_or_misshaped_key(tmp_path, tiny):
+    state = tiny[1]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(CONFIG, f)
+    p = "model.transformer."
+    cases = [({k: v for k, v in state.items() if "blocks.1.up_proj" not in k}, f"missing tensor {p}blocks.1.up_proj"),
+             ({**state, p + "extra.weight": torch.zeros(1)}, f"unexpected tensor {p}extra.weight"),
+             ({**state, p + "ln_f.weight": torch.zeros(3)}, f"{p}ln_f.weight has shape \\[3\\]")]
+    for sd, message in cases:
+        lm.save_safetensors(sd, str(tmp_path / "model.safetensors"))
+        with pytest.raises(lm.CheckpointError, match=message):
+            lm.load_model(str(tmp_path))
+
+
+
+# ----------------------------------------------------------------------------- the sampler
+def reference_generate(model, prompt, steps, gen_length, block_length):
+    """LLaDA.md's sampler transcribed step by step at temperature 0: full-sequence logits, the
+    confidence of x0, -inf after the current block, per-row top-k."""
+    mask_id = model.cfg.mask_token_id
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id)
+    x[:, :P] = prompt
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for nb in range(n_blocks):
+        lo, hi = P + nb * block_length, P + (nb + 1) * block_length
+        n = (x[:, lo:hi] == mask_id).sum(1)
+        counts = [[int(n[j]) // per_block + (1 if i < int(n[j]) % per_block else 0) for i in range(per_block)]
+                  for j in range(B)]
+        for i in range(per_block):
+            mask_index = x == mask_id
+            logits = model(x).double()
+            x0 = logits.argmax(-1)
+            x0_p = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            x0_p[:, hi:] = -math.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(-math.inf, dtype=torch.float64))
+            for j in range(B):
+                _, sel = torch.topk(confidence[j], k=counts[j][i])
+                x[j, sel] = x0[j, sel]
+    return x[:, P:]
+
+
+@pytest.mark.parametrize("gen_length, steps, block_length", [(8, 8, 4), (12, 6, 4), (10, 4, 5), (6, 3, 6)])
+def test_greedy_sampler_is_token_identical_to_the_slow_transcription(model, gen_length, steps, block_length):
+    prompt = torch.randint(6, 300, (3, 7), generator=torch.Generator().manual_seed(gen_length))
+    ours = lm.generate(model, prompt, None, gen_length, steps, block_length, temperature=0.0)
+    assert torch.equal(ours, reference_generate(model, prompt, steps, gen_length, block_length))
+
+
+class Spy(torch.nn.Module):
+    """Records the sequence at every network call of the sampler."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.seen = model, model.cfg, []
+
+    def forward(self, x, attention_mask=None, where=None):
+        self.seen.append(x.clone())
+        return self.model(x, attention_mask, where)
+
+
+def test_sampler_reveals_the_scheduled_counts_block_by_block_and_keeps_the_prompt(model):
+    spy, mask_id, P = Spy(model), CONFIG["mask_token_id"], 5
+    prompt = torch.tensor([[7, 8, mask_id, 9, 10]])            # a mask token inside the prompt stays
+    out = lm.generate(spy, prompt, None, gen_length=10, steps=4, block_length=5, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    states = spy.seen + [torch.cat([prompt, out], 1)]
+    assert all(torch.equal(s[:, :P], prompt) for s in states)
+    masked = [int((s[0, P:] == mask_id).sum()) for s in states]
+    assert masked == [10, 7, 5, 2, 0]                          # 5 per block over 2 steps: 3 then 2
+    for s, block in zip(spy.seen, [0, 0, 1, 1]):               # later blocks untouched, earlier done
+        c = s[0, P:]
+        assert (c[5 * (block + 1):] == mask_id).all() and (c[:5 * block] != mask_id).all()
+    assert lm.num_transfer_tokens(torch.ones(2, 7, dtype=torch.bool), 3).tolist() == [[3, 2, 2]] * 2
+
+
+def test_sampler_is_deterministic_at_temperature_zero_and_seeded_above(model):
+    prompt = torch.randint(6, 300, (2, 4))
+    def g(T, seed):
+        return lm.generate(model, prompt, None, 8, 4, 4, T, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(g(0.0, 1), g(0.0, 2))
+    assert torch.equal(g(1.0, 3), g(1.0, 3)) and not torch.equal(g(1.0, 3), g(1.0, 4))
+
+
+def test_batched_left_padded_prompts_sample_as_each_prompt_alone(model):
+    a, b = list(range(10, 19)), list(range(40, 44))
+    ids, am = lm.left_pad([a, b], pad_id=1)
+    both = lm.generate(model, ids, am, 8, 4, 4)
+    for row, p in zip(both, (a, b)):
+        assert torch.equal(row, lm.generate(model, torch.tensor([p]), None, 8, 4, 4)[0])
+
