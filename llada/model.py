@@ -36,7 +36,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def read_safetensors_header(path):
     """The validated header of a safetensors file: ({name: (dtype, shape, begin, end)}, metadata, start).
-    Every offset is bounds-checked against the file size before any tensor is touched."""
+    Every offset is bounds-checked against the file size before any tensor is touched, and, as the
+    format requires, the tensors' byte ranges tile the data buffer exactly (no overlap, no gap)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -58,14 +59,16 @@ def read_safetensors_header(path):
     meta, buf, out = header.pop("__metadata__", None) or {}, size - 8 - n, {}
     for name, e in header.items():
         if not (isinstance(e, dict) and isinstance(e.get("shape"), list)
-                and all(isinstance(d, int) and d >= 0 for d in e["shape"])
+                and all(type(d) is int and d >= 0 for d in e["shape"])
                 and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
-                and all(isinstance(o, int) for o in e["data_offsets"])):
+                and all(type(o) is int for o in e["data_offsets"])):
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}")
         if e.get("dtype") not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {e.get('dtype')!r}; "
                                   f"supported: {', '.join(DTYPES)}")
         dtype, (b, end) = DTYPES[e["dtype"]], e["data_offsets"]
+        if math.prod(max(d, 1) for d in e["shape"]) * dtype.itemsize >= 2**63:   # torch's strides overflow,
+            raise CheckpointError(f"{path}: tensor {name!r} has an impossible shape {e['shape']}")  # even at 0
         nbytes = math.prod(e["shape"]) * dtype.itemsize
         if not 0 <= b <= end <= buf:
             raise CheckpointError(f"{path}: tensor {name!r} has offsets [{b}, {end}] outside the "
@@ -74,6 +77,14 @@ def read_safetensors_header(path):
             raise CheckpointError(f"{path}: tensor {name!r} spans {end - b} bytes, its shape "
                                   f"{e['shape']} and dtype {e['dtype']} need {nbytes}")
         out[name] = (dtype, tuple(e["shape"]), b, end)
+    edge = 0                                           # the tensors tile the buffer: no overlap, no gap
+    for name, (_, _, b, end) in sorted(out.items(), key=lambda kv: kv[1][2:]):
+        if b != edge:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {b} of the data buffer, the "
+                                  f"tensor before it ends at {edge} ({'overlap' if b < edge else 'gap'})")
+        edge = end
+    if edge != buf:
+        raise CheckpointError(f"{path}: the tensors cover {edge} of the {buf} bytes of the data buffer")
     return out, meta, 8 + n
 
 

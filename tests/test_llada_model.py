@@ -4,6 +4,7 @@ sampler against a step-by-step transcription of LLaDA's generate.py.
 """
 import json
 import math
+import random
 import struct
 
 import pytest
@@ -117,6 +118,15 @@ def write_raw(path, header, data=b""):
      "need 16"),
     ("unknown dtype", {"w": {"dtype": "I4", "shape": [4], "data_offsets": [0, 2]}}, b"\0" * 2, "dtype 'I4'"),
     ("malformed entry", {"w": {"dtype": "F32", "shape": "4"}}, b"", "malformed"),
+    ("zero next to huge dims", {"w": {"dtype": "F32", "shape": [2**31, 2**62, 0], "data_offsets": [0, 0]}}, b"",
+     "impossible shape"),
+    ("two tensors on the same bytes", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8,
+     "overlap"),
+    ("a gap between tensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                               "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12, "gap"),
+    ("bytes after the last tensor", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8,
+     "cover 4 of the 8"),
 ])
 def test_bad_safetensors_files_raise_a_clear_error(tmp_path, case, header, data, message):
     with pytest.raises(lm.CheckpointError, match=message):
@@ -135,6 +145,46 @@ def test_truncated_file_and_header_past_eof_raise_a_clear_error(tmp_path):
         p.write_bytes(content)
         with pytest.raises(lm.CheckpointError, match=message):
             lm.load_safetensors(str(p))
+
+
+def test_3000_mutated_files_load_or_raise_checkpoint_error_never_anything_else(tmp_path):
+    """Byte flips, truncations, and edits of the header's length and fields of a valid 3-tensor file."""
+    good = str(tmp_path / "good.safetensors")
+    lm.save_safetensors({"a": torch.randn(3, 2), "b": torch.zeros(0, 5), "c": torch.randn(4).half()}, good)
+    blob, rng = open(good, "rb").read(), random.Random(0)
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    edits = [2**31, 2**62, 2**64, -1, 0, 1, 7, 1.5, True, None, "3", [], [1, 2]]
+    outcomes = {"loaded": 0, "CheckpointError": 0}
+    for i in range(3000):
+        kind = i % 4
+        if kind == 0:                                  # flip 1-4 random bytes
+            b = bytearray(blob)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            data = bytes(b)
+        elif kind == 1:                                # truncate
+            data = blob[:rng.randrange(len(blob))]
+        elif kind == 2:                                # a wrong header length
+            data = struct.pack("<Q", max(0, n + rng.randint(-20, 20))) + blob[8:]
+        else:                                          # edit one field of one tensor
+            h = json.loads(json.dumps(header))
+            e = h[rng.choice(["a", "b", "c"])]
+            field = rng.choice(["shape", "data_offsets"])
+            e[field] = list(e[field]) or [0]
+            e[field][rng.randrange(len(e[field]))] = rng.choice(edits)
+            raw = json.dumps(h).encode()
+            data = struct.pack("<Q", len(raw)) + raw + blob[8 + n:]
+        path = tmp_path / "fuzz.safetensors"
+        path.write_bytes(data)
+        try:
+            for t in lm.load_safetensors(str(path)).values():
+                t.float().sum()                        # touch every byte
+            outcomes["loaded"] += 1
+        except lm.CheckpointError as err:
+            assert "\n" not in str(err)
+            outcomes["CheckpointError"] += 1
+    assert outcomes["CheckpointError"] > 2000 and outcomes["loaded"] > 30, outcomes   # both paths taken
 
 
 def test_checkpoint_errors_name_the_missing_unexpected_or_misshaped_key(tmp_path, tiny):
