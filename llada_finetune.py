@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dtm import dtm_loss, group_log_mean_exp
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import CheckpointError, chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
-from llada.tasks import PROMPTS, REWARDS, accuracy, task_data
+from llada.tasks import PROTOCOLS, task_data
 
 
 # ============================================================================ SAR-aligned DTM
@@ -133,7 +133,7 @@ class Trainer:
                 comp = generate(self.model, ids, am, a.gen_length, a.gen_length // a.tokens_per_step,
                                 a.block_length, a.temperature, generator=self.gen)
             comps.append(comp)
-            rs += [REWARDS[a.task](decode(self.tok, c, self.cfg), self.items[i])
+            rs += [PROTOCOLS[a.protocol]["rewards"][a.task](decode(self.tok, c, self.cfg), self.items[i])
                    for c, i in zip(comp.tolist(), chunk)]
         self.model.train()
         return dict(idx=torch.tensor(rows, device=self.device), comp=torch.cat(comps),
@@ -142,7 +142,8 @@ class Trainer:
     def prompt(self, i):
         """Token ids of training prompt i (chat template applied), tokenised once, when first drawn."""
         if i not in self.prompt_cache:
-            self.prompt_cache[i] = chat_prompt(self.tok, PROMPTS[self.args.task](self.items[i]))
+            self.prompt_cache[i] = chat_prompt(self.tok, PROTOCOLS[self.args.protocol]["prompts"][self.args.task](
+                self.items[i]))
         return self.prompt_cache[i]
 
     def draw_prompts(self, n):
@@ -312,9 +313,11 @@ class Trainer:
 
 # ============================================================================ evaluation
 @torch.no_grad()
-def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32):
-    """The paper's protocol: chat template, block 32, steps = gen_length / 2, temperature 0.
-    Returns the accuracy (Sudoku: cells; the others: questions), summed over all ranks."""
+def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, protocol="ours"):
+    """The paper's sampling protocol: chat template, block 32, steps = gen_length / 2, temperature 0.
+    `protocol` picks the prompts, prefill and scorer (llada/tasks.py: PROTOCOLS). Returns the accuracy
+    (Sudoku: cells; the others: questions), summed over all ranks."""
+    P = PROTOCOLS[protocol]
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = items[rank::world]
     dev = model.ff_out.weight.device
@@ -322,11 +325,13 @@ def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32):
     model.eval()
     for j in tqdm(range(0, len(mine), batch), desc=f"{task} gen {gen_length}", disable=rank != 0):
         chunk = mine[j:j + batch]
-        ids, am = left_pad([chat_prompt(tok, PROMPTS[task](it)) for it in chunk], model.cfg.eos_token_id, dev)
+        ids, am = left_pad([chat_prompt(tok, P["prompts"][task](it), P["prefill"].get(task, "")) for it in chunk],
+                           model.cfg.eos_token_id, dev)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
             comp = generate(model, ids, am, gen_length, gen_length // 2, block_length, 0.0)
         for c, it in zip(comp.tolist(), chunk):
-            ok += torch.tensor(accuracy(task, decode(tok, c, model.cfg), it), dtype=torch.float64, device=dev)
+            text = decode(tok, c, model.cfg, raw=P["raw"])
+            ok += torch.tensor(P["accuracy"](task, text, it), dtype=torch.float64, device=dev)
     if world > 1:
         dist.all_reduce(ok)
     return (ok[0] / ok[1].clamp_min(1)).item()
@@ -342,10 +347,10 @@ def run_eval(args):
         for m in lora_layers(model).values():
             m.merge()                                   # inference only: fold B A into W
     items = task_data(args)[1][:args.eval_limit or None]
-    acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length)
+    acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length, args.protocol)
            for L in args.eval_lengths}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"\n| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
+        print(f"\n{args.protocol} protocol\n| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
         print(f"| {args.task} ({len(items)}) | {' | '.join(f'{100 * v:.1f}' for v in acc.values())} |")
     return acc
 
@@ -405,14 +410,19 @@ def parse(argv=None):
     p.add_argument("--task", required=True, choices=list(PRESETS),
                    help="sudoku (4x4, generated), countdown (3 numbers, generated or --train_data), "
                         "gsm8k / math (local JSONL: question, answer)")
-    p.add_argument("--train_data", help="JSONL of training items (gsm8k, math; optional for countdown)")
-    p.add_argument("--test_data", help="JSONL of test items (gsm8k, math; optional for countdown)")
+    p.add_argument("--train_data", help="training items: JSONL (gsm8k, math; optional for countdown: numbers/"
+                                        "target, nums/target or input/output) or CSV (sudoku: Puzzle,Solution)")
+    p.add_argument("--test_data", help="test items, as --train_data (e.g. SPG's countdown_cd3_test.jsonl, "
+                                       "test_sudoku_split_new.csv)")
     p.add_argument("--out", default="runs/llada", help="state_rank*.pt, metrics.jsonl, adapter/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state_rank*.pt")
     p.add_argument("--adapter", help="start from (or evaluate) this PEFT-layout LoRA adapter directory")
     p.add_argument("--eval", action="store_true", help="only evaluate: block 32, steps = gen/2, temperature 0")
     p.add_argument("--bench", action="store_true", help="only measure the peak memory of one training step "
                                                         "and one sampling step")
+    p.add_argument("--protocol", choices=["ours", "paper"], default="ours",
+                   help="prompts, rewards and scorers: ours, or the paper's (the DTM authors' Countdown and "
+                        "Sudoku, SPG's GSM8K and MATH500; the numbers of Table 1)")
     p.add_argument("--eval_lengths", type=int, nargs="+", default=[256, 512], help="generation lengths")
     p.add_argument("--eval_batch", type=int, default=8, help="prompts per sampling batch")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")

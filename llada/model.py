@@ -283,17 +283,21 @@ def load_tokenizer(model_dir):
         raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from None
 
 
-def chat_prompt(tok, text):
-    """LLaDA-Instruct's chat template (BOS only before the first message), as token ids."""
+def chat_prompt(tok, text, prefill=""):
+    """LLaDA-Instruct's chat template (BOS only before the first message), as token ids; `prefill` is text
+    the assistant's turn starts with (SPG's evaluation puts "<reasoning>" there)."""
     s = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
-         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" + prefill)
     return tok.encode(s, add_special_tokens=False).ids
 
 
-def decode(tok, ids, cfg):
-    """The completion's text up to its first <|endoftext|> / <|eot_id|>."""
-    stop = {cfg.eos_token_id, tok.token_to_id("<|eot_id|>")}
+def decode(tok, ids, cfg, raw=False):
+    """The completion's text up to its first <|endoftext|> / <|eot_id|>; raw=True: all of it, special
+    tokens included (what the baselines' parsers read)."""
     ids = list(ids)
+    if raw:
+        return tok.decode(ids, skip_special_tokens=False)
+    stop = {cfg.eos_token_id, tok.token_to_id("<|eot_id|>")}
     cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
     return tok.decode(ids[:cut], skip_special_tokens=True)
 

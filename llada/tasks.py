@@ -8,6 +8,8 @@ except to check Sudoku solutions.
     REWARDS["countdown"]("<answer>3*5+7</answer>", item)
 """
 import ast
+import csv
+import functools
 import json
 import random
 import re
@@ -46,38 +48,57 @@ SUDOKU_SHOTS = [("3014002020004130", "3214142323414132"), ("0000100420013142", "
                 ("2001403002001420", "2341413232141423")]
 
 
+SUDOKU_SPLIT_SEED = 42                                 # SPG's; fixed, so that --seed cannot move the split
+
+
+@functools.lru_cache(maxsize=1)
 def sudoku_grids():
     """All 288 completed 4x4 Sudoku grids, as 16-character strings (rows, then columns)."""
     rows = list(permutations("1234"))
     ok = lambda g: all(len({g[r][c] for r in range(4)}) == 4 for c in range(4)) and all(   # noqa: E731
         len({g[r + i][c + j] for i in (0, 1) for j in (0, 1)}) == 4 for r in (0, 2) for c in (0, 2))
-    return ["".join("".join(r) for r in g) for g in
-            ((a, b, c, d) for a in rows for b in rows for c in rows for d in rows) if ok(g)]
+    return tuple("".join("".join(r) for r in g) for g in
+                 ((a, b, c, d) for a in rows for b in rows for c in rows for d in rows) if ok(g))
 
 
-def sudoku_data(seed=42, n_test=256):
-    """SPG-style split by solution grid: 200 grids for training (the exemplars' forced in), puzzles of
-    the other 88 for the test set (2 each, one more for the first 80), 7-9 empty cells, unique
-    solutions. Training puzzles are drawn afresh from the 200 grids, 4-12 empty cells."""
-    grids, rng = sudoku_grids(), random.Random(seed)
-    table = torch.tensor([[int(ch) for ch in g] for g in grids])          # (288, 16)
+@functools.lru_cache(maxsize=1)
+def sudoku_table():
+    return torch.tensor([[int(ch) for ch in g] for g in sudoku_grids()])        # (288, 16)
+
+
+def sudoku_puzzle(grid, n_empty, rng):
+    """Blank n_empty random cells of grid, again until the puzzle has one solution: {puzzle, solution}."""
+    table = sudoku_table()
+    while True:
+        holes = rng.sample(range(16), n_empty)
+        p = "".join("0" if i in holes else ch for i, ch in enumerate(grid))
+        pt = torch.tensor([int(ch) for ch in p])
+        if int(((table == pt) | (pt == 0)).all(1).sum()) == 1:
+            return dict(puzzle=p, solution=grid)
+
+
+def sudoku_test_set(n_test=256):
+    """SPG-style held-out set, the same in every run: the grids split by solution, 200 for training (the
+    exemplars' forced in) and 88 for the test set, n_test puzzles of those 88 (2 each, one more for the
+    first 80), 7-9 empty cells, unique solutions."""
+    rng = random.Random(SUDOKU_SPLIT_SEED)
     shots = {s for _, s in SUDOKU_SHOTS}
-    rest = [g for g in grids if g not in shots]
+    rest = [g for g in sudoku_grids() if g not in shots]
     rng.shuffle(rest)
-    train_grids, test_grids = sorted(shots) + rest[:200 - len(shots)], rest[200 - len(shots):]
+    test_grids = rest[200 - len(shots):]
+    return [sudoku_puzzle(test_grids[i % len(test_grids)], rng.choice((7, 8, 9)), rng) for i in range(n_test)]
 
-    def puzzle(g, n_empty):                            # blank n_empty cells; keep it if it has one solution
-        while True:
-            holes = rng.sample(range(16), n_empty)
-            p = "".join("0" if i in holes else ch for i, ch in enumerate(g))
-            pt = torch.tensor([int(ch) for ch in p])
-            if int(((table == pt) | (pt == 0)).all(1).sum()) == 1:
-                return dict(puzzle=p, solution=g)
-    test = [puzzle(g, rng.choice((7, 8, 9))) for i in range(n_test) for g in
-            [test_grids[i % len(test_grids)]]]
-    train = [puzzle(rng.choice(train_grids), rng.randint(4, 12)) for _ in range(4000)]
-    train = [t for t in train if t["puzzle"] not in {p for p, _ in SUDOKU_SHOTS}]
-    return train, test
+
+def sudoku_data(seed=0, test=None, n_train=4000):
+    """(train, test). test is `sudoku_test_set()` unless given (e.g. SPG's test CSV). Training puzzles
+    are drawn with `seed`, 4-12 empty cells, from the grids that solve no test puzzle: no seed and no
+    test file can put a test solution into training."""
+    test = sudoku_test_set() if test is None else test
+    held_out = {t["solution"] for t in test}
+    train_grids = [g for g in sudoku_grids() if g not in held_out]
+    rng, shots = random.Random(seed), {p for p, _ in SUDOKU_SHOTS}
+    train = [sudoku_puzzle(rng.choice(train_grids), rng.randint(4, 12), rng) for _ in range(n_train)]
+    return [t for t in train if t["puzzle"] not in shots], test
 
 
 def sudoku_prompt(item):
@@ -130,10 +151,11 @@ def countdown_data(seed, n, exclude=()):
     return out
 
 
-def arith(expr):
+def arith(expr, python=False):
     """Value of an arithmetic expression of numbers, + - * / and parentheses, as a Fraction, or None.
     A whitelist over Python's parse tree: no names, calls or attributes can get through, and nothing
-    is ever executed (no eval)."""
+    is ever executed (no eval). python=True also takes ** (integer powers up to 64) and //, as the
+    baselines' eval() does."""
     if len(expr) > 200:
         return None
     try:
@@ -142,6 +164,13 @@ def arith(expr):
         return None
     binops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
               ast.Div: lambda a, b: a / b}
+
+    def power(a, b):
+        if b.denominator != 1 or abs(b) > 64:
+            raise ValueError("only integer powers up to 64")
+        return a ** int(b)
+    if python:
+        binops.update({ast.FloorDiv: lambda a, b: Fraction(a // b), ast.Pow: power})
 
     def value(n):
         if isinstance(n, ast.Constant) and type(n.value) in (int, float):
@@ -158,6 +187,12 @@ def arith(expr):
         return None
 
 
+def uses_exactly(expr, numbers):
+    """Are the numbers written in expr exactly `numbers` (as a multiset)? Compared as digit strings, so
+    that a 5,000-digit answer is just wrong, not an error (Python's int() refuses over 4,300 digits)."""
+    return sorted(v.lstrip("0") or "0" for v in re.findall(r"\d+", expr)) == sorted(str(n) for n in numbers)
+
+
 def countdown_reward(text, item):
     """1.0: uses exactly the given numbers and hits the target; 0.1: an answer that does not; 0: none."""
     ans = last_tag(text, "answer")
@@ -166,7 +201,7 @@ def countdown_reward(text, item):
     boxed = last_boxed(ans)                             # the eval prompt asks for \boxed{} in <answer>
     if boxed is not None:
         ans = boxed.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/")
-    if sorted(int(v) for v in re.findall(r"\d+", ans)) != sorted(item["numbers"]):
+    if not uses_exactly(ans, item["numbers"]):
         return 0.1
     if not re.fullmatch(r"[\d+\-*/(). \s]+", ans):
         return 0.1
@@ -175,8 +210,7 @@ def countdown_reward(text, item):
 
 
 def countdown_prompt(item):
-    a, b, c = item["numbers"]
-    return (f"Using only the numbers [{a}, {b}, {c}], create an arithmetic expression that evaluates to "
+    return (f"Using only the numbers [{', '.join(map(str, item['numbers']))}], create an arithmetic expression that evaluates to "
             f"exactly {item['target']}. You may use +, -, *, / and parentheses, and each number exactly "
             f"once. Think in <reasoning></reasoning>, then give only the expression inside "
             f"<answer></answer>.")
@@ -225,11 +259,18 @@ def gsm8k_gold(item):
 
 
 def number(s):
+    """The last number in s, as a float; a/b and \\frac{a}{b} count as fractions (1/0: None)."""
     if s is None:
         return None
     s = s.replace(",", "").replace("$", "").strip().rstrip(".")
-    m = re.findall(r"-?\d+(?:\.\d+)?", s)
-    return float(m[-1]) if m else None
+    s = re.sub(r"\\[dt]?frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", r"\1/\2", s)
+    m = re.findall(r"(-?\d+(?:\.\d+)?)(?:\s*/\s*(-?\d+(?:\.\d+)?))?", s)
+    if not m:
+        return None
+    num, den = m[-1]
+    if not den:
+        return float(num)
+    return float(num) / float(den) if float(den) != 0 else None
 
 
 def format_terms(text):
@@ -261,10 +302,10 @@ def gsm8k_reward(text, item):
 
 def math_reward(text, item):
     """2.0 if the last \\boxed{} is equivalent to the gold answer, + 0.5 x (1 for <answer>, + 1 if a
-    \\boxed{} is inside it, else + 0.5). The baselines' code tests for the wrong escape and never
-    gives the boxed branch; this one does."""
+    \\boxed{} is inside it, else + 0.5): with no <answer> at all, 0.25, as in the baselines. Their code
+    tests for the wrong escape and never gives the boxed branch; this one does."""
     ans = last_tag(text, "answer")
-    fmt = 0.0 if ans is None else 1.0 + (1.0 if "\\boxed" in ans else 0.5)
+    fmt = (ans is not None) + (1.0 if ans is not None and "\\boxed" in ans else 0.5)
     return 2.0 * math_equiv(last_boxed(text), item["answer"]) + 0.5 * fmt
 
 
@@ -278,6 +319,156 @@ def accuracy(task, text, item):
         v, gold = number(gsm8k_answer(text)), number(gsm8k_gold(item))
         return float(v is not None and gold is not None and abs(v - gold) < 1e-6), 1
     return float(math_equiv(last_boxed(text), item["answer"])), 1
+
+
+# ============================================================================ the paper's protocol
+# Table 1's numbers come from the published evaluation code: the DTM authors' prompts and parsers for
+# Countdown and Sudoku (no prefill; Sudoku 3-shot), SPG's for GSM8K and MATH500 (a "<reasoning>" prefill
+# after the assistant header). The scorers read the raw decoded completion, special tokens included.
+# Written from their documented behaviour (../shared/LLADA.md, issue notes); none of their code is used.
+PAPER_FORMAT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
+PAPER_SUDOKU_SYSTEM = (
+    "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading "
+    "left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n- Fill empty cells with digits "
+    "1-4\n- Each row must contain digits 1-4 exactly once\n- Each column must contain digits 1-4 exactly once\n"
+    "- Each 2x2 box must contain digits 1-4 exactly once\n\nImportant: Your solution must be a COMPLETE "
+    "16-character string with only the digits 1-4, representing your final solved grid.\n\nRespond in this "
+    "exact format:\n<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character "
+    "solution string with no spaces or separators]\n</answer>\n")
+PAPER_SUDOKU_REASONING = [             # the worked reasoning of the 3 exemplars (SUDOKU_SHOTS), in order
+    "Fill easy singles:\nR1 missing 2 → R1C2=2.\nR4 missing 2 → R4C4=2.\nBox D (R3-4,C3-4) then needs "
+    "{1,4}; column4 can only accept 1 → R3C4=1, R3C3=4.\nR3 now missing 3 → R3C2=3.\nColumn1 missing 1 → "
+    "R2C1=1.\nColumn2 missing 4 → R2C2=4.\nLast cell R2C4=3.\n",
+    "Fill easy singles:\nCol1 missing 4 → R1C1=4.\nCol4 missing 3 → R1C4=3.\nBox A (R1-2,C1-2) missing "
+    "{2,3} and R1 now needs {1,2} → R1C2=2, R2C2=3.\nR1C3=1.\nR2 now missing 2 → R2C3=2.\nCol2 missing 4 → "
+    "R3C2=4, then R3C3=3.\n",
+    "Fill easy singles:\nR1 missing {3,4}; Col2 can't be 1 so R1C2=3 → R1C3=4.\nR4 missing 3 → R4C4=3.\n"
+    "Col4 missing {2,4}; R2 must take 2 → R2C4=2 → R2C2=1.\nCol1 missing 3 → R3C1=3.\nCol3 missing 1 → "
+    "R3C3=1 → R3C4=4.\n"]
+PREFILL = dict(gsm8k="<reasoning>", math="<reasoning>")        # appended after the chat template (SPG)
+
+
+def grid_rows(g):
+    return "\n".join(f"R{r + 1}: {' '.join(g[4 * r:4 * r + 4])}" for r in range(4))
+
+
+def paper_sudoku_prompt(item):
+    shots = "\n\n".join(
+        f"Question:\nSolve the following Sudoku puzzle: {p}\nAnswer:\n<reasoning>\nInterpret puzzle as 4 rows "
+        f"of 4:\n{grid_rows(p)}\n\n{why}\nFinal grid:\n{grid_rows(s)}\n</reasoning>\n<answer>\n{s}\n</answer>"
+        for (p, s), why in zip(SUDOKU_SHOTS, PAPER_SUDOKU_REASONING))
+    return f"{PAPER_SUDOKU_SYSTEM}\n\n{shots}\n\nQuestion: Solve the following Sudoku puzzle: {item['puzzle']}\nAnswer:\n"
+
+
+def paper_countdown_prompt(item):
+    return (f"{PAPER_FORMAT}\nUsing only the numbers {list(item['numbers'])}, create an arithmetic expression "
+            f"that evaluates to exactly {item['target']}. You must use all numbers from the list, and each number "
+            f"must be used exactly once. You may use the operations +, -, *, and / as needed. After reasoning, "
+            f"provide only your final expression inside <answer></answer> tags without including an equals sign "
+            f"or the target number. For example, if the numbers are [2, 3, 4] and the target is 5, a valid answer "
+            f"is: <answer>\n2*4-3\n</answer>")
+
+
+def paper_math_prompt(item):           # SPG's; the paper's Fig. 8 text was not available to us
+    return MATH_PROMPT.replace("\\boxed{}.\n", "\\boxed{}. \n").rstrip("\n") + "\n\n" + item["question"]
+
+
+def first_number(s, last=False):
+    """SPG's number reading: the whole string as a float, else its first (or last) number."""
+    try:
+        return float(s)
+    except (ValueError, OverflowError):
+        m = re.findall(r"-?\d+\.?\d*", s)
+        return float(m[-1 if last else 0]) if m else None
+
+
+def paper_gsm8k_answer(text):
+    """SPG: the first non-empty \\boxed{...} up to its first '}', else the first <answer>, else the text after
+    the last <answer> (an unclosed one too), each as a number."""
+    for b in re.findall(r"\\boxed{(.*?)}", text):
+        if b.strip() and not re.fullmatch(r"\.+", b.strip()) and first_number(b.strip()) is not None:
+            return first_number(b.strip())
+    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    if m and m.group(1).strip() and first_number(m.group(1).strip(), last=True) is not None:
+        return first_number(m.group(1).strip(), last=True)
+    rest = text.split("<answer>")[-1].split("</answer>")[0].strip()
+    return first_number(rest, last=True) if rest else None
+
+
+def paper_math_answer(text):
+    """d1/SPG: the last \\boxed{...} (a text with no \\boxed is its own answer); an unclosed one falls back to
+    the first <answer>."""
+    if "\\boxed " in text:
+        return text.split("\\boxed ")[-1].split("$")[0]
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox") if "\\boxed" not in text else -1)
+    if i < 0:
+        return text
+    j, depth = i, 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if text[j] == "}" and depth == 0:
+            box = text[i:j + 1]
+            return box[7:-1] if box.startswith("\\boxed{") else box
+    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return m.group(1).strip() if m else None
+
+
+def paper_countdown_correct(text, item):
+    """The DTM authors' parser: the first <answer> (else the whole text), LaTeX operators mapped, the part
+    before '= value' if there is one; right numbers, allowed characters, |value - target| < 1e-5."""
+    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    eq = m.group(1).strip() if m else text
+    eq = eq.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*")
+    m = re.search(r"([0-9+\-*/() ]+)=[0-9. ]+", eq)
+    eq = m.group(1).strip() if m else eq
+    if not uses_exactly(eq, item["numbers"]) or not re.match(r"^[\d+\-*/().\s]+$", eq):
+        return False
+    v = arith(eq, python=True)
+    return v is not None and abs(v - item["target"]) < 1e-5
+
+
+def paper_sudoku_cells(text, item):
+    """The DTM authors' (= SPG's) cascade: the first of five patterns that yields text, whitespace removed,
+    separators kept, padded or cut to 16 characters."""
+    patterns = [r"<answer>.*?```\s*([\d\s]+)```", r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",
+                r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)", r".*?(\d{16})\s*</answer>", r"\b(\d{16})\b"]
+    empty = [i for i, ch in enumerate(item["puzzle"]) if ch == "0"]
+    for pat in patterns:
+        m = re.search(pat, text, re.DOTALL)
+        if m and m.group(1).strip():
+            ans = (re.sub(r"\s", "", m.group(1)) + "0" * 16)[:16]
+            return sum(ans[i] == item["solution"][i] for i in empty), len(empty)
+    return 0, len(empty)
+
+
+def paper_accuracy(task, text, item):
+    """(correct, total) as the published evaluation code scores the raw completion."""
+    if task == "sudoku":
+        return paper_sudoku_cells(text, item)
+    if task == "countdown":
+        return float(paper_countdown_correct(text, item)), 1
+    if task == "gsm8k":
+        v, gold = paper_gsm8k_answer(text), number(gsm8k_gold(item))
+        return float(v is not None and v == gold), 1
+    return float(math_equiv(paper_math_answer(text), item["answer"])), 1
+
+
+def paper_gsm8k_reward(text, item):
+    """GSM8K's reward without the soft and strict format terms, which the paper removed."""
+    soft = re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", text, re.DOTALL)
+    strict = re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", text, re.DOTALL)
+    return gsm8k_reward(text, item) - 0.5 * bool(soft) - 0.5 * bool(strict)
+
+
+# ============================================================================ the protocols and data files
+REWARDS = dict(sudoku=sudoku_reward, countdown=countdown_reward, gsm8k=gsm8k_reward, math=math_reward)
+PROMPTS = dict(sudoku=sudoku_prompt, countdown=countdown_prompt, gsm8k=math_prompt, math=math_prompt)
+PAPER_REWARDS = dict(REWARDS, gsm8k=paper_gsm8k_reward)
+PAPER_PROMPTS = dict(sudoku=paper_sudoku_prompt, countdown=paper_countdown_prompt, gsm8k=paper_math_prompt,
+                     math=paper_math_prompt)
+PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, accuracy=accuracy, prefill={}, raw=False),
+                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, accuracy=paper_accuracy,
+                            prefill=PREFILL, raw=True))
 
 
 def read_jsonl(path, what, fields=("question", "answer")):
@@ -296,19 +487,60 @@ def read_jsonl(path, what, fields=("question", "answer")):
     return rows
 
 
-REWARDS = dict(sudoku=sudoku_reward, countdown=countdown_reward, gsm8k=gsm8k_reward, math=math_reward)
-PROMPTS = dict(sudoku=sudoku_prompt, countdown=countdown_prompt, gsm8k=math_prompt, math=math_prompt)
+def countdown_item(row):
+    """{numbers, target} of a Countdown row in any layout in use: ours {"numbers", "target"}, SPG's test
+    file {"input": "30,100,93", "output": "23"}, Countdown-Tasks-3to4 {"nums", "target"}; else None."""
+    try:
+        nums, target = ((row.get("numbers", row.get("nums")), row["target"]) if "numbers" in row or "nums" in row
+                        else (str(row["input"]).split(","), row["output"]))
+        return dict(numbers=[int(str(v).strip()) for v in nums], target=int(str(target).strip()))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def read_countdown(path, what):
+    rows = [countdown_item(r) for r in read_jsonl(path, what, fields=())]
+    bad = next((k for k, r in enumerate(rows) if r is None), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: line {bad + 1} of {what} has no numbers/target, nums/target or "
+                              f"input/output fields of integers")
+    return rows
+
+
+def read_sudoku_csv(path, what):
+    """Puzzle,Solution rows of 16 digits (SPG's train_/test_sudoku_split_new.csv); 0 = an empty cell."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e})") from None
+    items = [dict(puzzle=str(r.get("Puzzle") or "").zfill(16), solution=str(r.get("Solution") or "").zfill(16))
+             for r in rows]
+    if not items or any(not re.fullmatch(r"[0-4]{16}", t["puzzle"]) or not re.fullmatch(r"[1-4]{16}", t["solution"])
+                        for t in items):
+        raise CheckpointError(f"{path}: {what} needs a Puzzle,Solution header and 16-digit rows")
+    return items
 
 
 def task_data(args):
-    """(train items, test items) of args.task; a JSONL path given on the command line wins."""
+    """(train items, test items) of args.task; a data file given on the command line wins."""
     if args.task == "sudoku":
-        return sudoku_data(args.seed)
+        test = read_sudoku_csv(args.test_data, "sudoku test") if args.test_data else None
+        train, test = sudoku_data(args.seed, test)
+        if args.train_data:
+            train = read_sudoku_csv(args.train_data, "sudoku train")
+            leak = {t["solution"] for t in train} & {t["solution"] for t in test}
+            if leak:
+                raise CheckpointError(f"{args.train_data}: {len(leak)} solution grids of the training file are "
+                                      f"solutions of test puzzles too (a leak)")
+        return train, test
     if args.task == "countdown":
-        cd = ("numbers", "target")
-        test = read_jsonl(args.test_data, "countdown test", cd) if args.test_data else countdown_data(10**6, 256)
-        train = read_jsonl(args.train_data, "countdown train", cd) if args.train_data else \
-            countdown_data(args.seed, 20000, exclude=test)
+        test = read_countdown(args.test_data, "countdown test") if args.test_data else countdown_data(10**6, 256)
+        if not args.train_data:
+            return countdown_data(args.seed, 20000, exclude=test), test
+        train = [t for t in read_countdown(args.train_data, "countdown train") if len(t["numbers"]) == 3]
+        if not train:                                   # the paper trains on the 3-number items only
+            raise CheckpointError(f"{args.train_data}: no 3-number Countdown items")
         return train, test
     return (read_jsonl(args.train_data, f"{args.task} train") if not args.eval else [],
             read_jsonl(args.test_data, f"{args.task} test") if args.eval else [])

@@ -88,6 +88,14 @@ def test_full_run_writes_a_peft_adapter_and_eval_prints_a_table(tiny, tmp_path):
     assert "| task | gen 8 | gen 16 |" in r.stdout and "| countdown (3) |" in r.stdout
 
 
+def test_eval_under_the_paper_protocol_reads_spg_files_and_prints_its_table(tiny, tmp_path):
+    (tmp_path / "cd.jsonl").write_text('{"input": "30,100,93", "output": "23"}\n{"input": "1,2,3", "output": "6"}\n')
+    r = run_cli("--model_dir", tiny[0], "--task", "countdown", "--eval", "--protocol", "paper", "--eval_lengths", "8",
+                "--block_length", "4", "--test_data", str(tmp_path / "cd.jsonl"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "paper protocol\n| task | gen 8 |" in r.stdout and "| countdown (2) |" in r.stdout
+
+
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),
                                             (["--eta", "-1"], "--eta must be > 0"),
                                             (["--phi", "2"], "--phi must be in [0, 1]")])

@@ -1,6 +1,7 @@
 """llada/tasks.py: each task's reward and accuracy on hand-made answers, the data splits, and every
 reward total on garbage.
 """
+import json
 import random
 
 import pytest
@@ -73,7 +74,14 @@ def test_math_answers_compare_after_normalisation():
     item = dict(question="?", answer="\\frac{1}{2}")
     assert tasks.math_reward("<answer>\\boxed{\\dfrac12}</answer>", item) == 2.0 + 0.5 * 2.0
     assert tasks.math_reward("<answer>1/3</answer>", item) == 0.5 * 1.5
-    assert tasks.math_reward("\\boxed{1/2}", item) == 2.0
+    assert tasks.math_reward("\\boxed{1/2}", item) == 2.0 + 0.5 * 0.5      # no <answer>: 0.25, as the baselines
+
+
+def test_math_format_term_is_a_quarter_without_answer_tags_as_the_formula_says():
+    item = dict(question="?", answer="7")
+    assert tasks.math_reward("no tags at all", item) == 0.25
+    assert tasks.math_reward("<answer>8</answer>", item) == 0.5 * 1.5
+    assert tasks.math_reward("<answer>\\boxed{8}</answer>", item) == 0.5 * 2.0
 
 
 def test_every_reward_is_total_on_1000_garbage_strings():
@@ -89,3 +97,126 @@ def test_every_reward_is_total_on_1000_garbage_strings():
             assert isinstance(tasks.REWARDS[task](s, item), float)
             assert len(tasks.accuracy(task, s, item)) == 2
 
+
+
+# ----------------------------------------------------------------------------- bugs of the LLaDA evaluation issue
+def test_a_5000_digit_countdown_answer_is_wrong_not_an_error():
+    item, huge = dict(numbers=[3, 5, 7], target=22), "<answer>" + "1" * 5000 + "</answer>"
+    assert tasks.countdown_reward(huge, item) == 0.1
+    assert tasks.accuracy("countdown", huge, item) == (0.0, 1)
+    assert tasks.paper_accuracy("countdown", huge, item) == (0.0, 1)
+
+
+def test_division_by_zero_is_no_answer_and_fractions_are_fractions():
+    gold_zero = dict(question="?", answer="#### 0")
+    assert tasks.accuracy("gsm8k", "<answer>\\boxed{1/0}</answer>", gold_zero) == (0.0, 1)
+    assert tasks.number("1/0") is None and tasks.number("3/4") == 0.75 and tasks.number("\\frac{3}{4}") == 0.75
+    assert tasks.number("$1,234.50") == 1234.5 and tasks.number("x = 5") == 5.0
+
+
+def test_sudoku_test_set_is_the_same_for_every_seed_and_training_never_sees_its_grids():
+    tests = []
+    for seed in (0, 1, 42):
+        train, test = tasks.sudoku_data(seed=seed, n_train=300)
+        assert not {t["solution"] for t in train} & {t["solution"] for t in test}
+        tests.append(test)
+    assert tests[0] == tests[1] == tests[2]
+    assert len({t["solution"] for t in tests[0]}) == 88
+    spg_like = [dict(puzzle="3014002020004130", solution="3214142323414132")] * 3     # a file with other grids
+    train, test = tasks.sudoku_data(seed=0, test=spg_like, n_train=300)
+    assert test == spg_like and "3214142323414132" not in {t["solution"] for t in train}
+
+
+def test_countdown_files_in_all_three_layouts_read_alike(tmp_path):
+    class Args:
+        task, seed, eval, train_data = "countdown", 0, True, None
+    layouts = [{"numbers": [30, 100, 93], "target": 23}, {"input": "30,100,93", "output": "23"},
+               {"nums": [30, 100, 93], "target": 23}]
+    for k, row in enumerate(layouts):
+        (tmp_path / f"{k}.jsonl").write_text(json.dumps(row) + "\n")
+        Args.test_data = str(tmp_path / f"{k}.jsonl")
+        assert tasks.task_data(Args)[1] == [dict(numbers=[30, 100, 93], target=23)]
+    (tmp_path / "bad.jsonl").write_text('{"input": "1,2", "output": "x"}\n')
+    Args.test_data = str(tmp_path / "bad.jsonl")
+    with pytest.raises(tasks.CheckpointError, match="line 1 of countdown test"):
+        tasks.task_data(Args)
+    (tmp_path / "train.jsonl").write_text('{"nums": [1, 2, 3, 4], "target": 10}\n{"nums": [1, 2, 3], "target": 6}\n')
+    Args.test_data, Args.train_data = None, str(tmp_path / "train.jsonl")
+    assert tasks.task_data(Args)[0] == [dict(numbers=[1, 2, 3], target=6)]      # 3-number items only
+
+
+def test_sudoku_csv_is_read_and_a_leaking_training_file_is_refused(tmp_path):
+    class Args:
+        task, seed, eval = "sudoku", 0, True
+    (tmp_path / "test.csv").write_text("Puzzle,Solution\n3014002020004130,3214142323414132\n")
+    (tmp_path / "train.csv").write_text("Puzzle,Solution\n0014002020004130,3214142323414132\n")
+    Args.test_data, Args.train_data = str(tmp_path / "test.csv"), None
+    assert tasks.task_data(Args)[1] == [dict(puzzle="3014002020004130", solution="3214142323414132")]
+    Args.train_data = str(tmp_path / "train.csv")
+    with pytest.raises(tasks.CheckpointError, match="a leak"):
+        tasks.task_data(Args)
+
+
+# ----------------------------------------------------------------------------- the paper's protocol
+def test_paper_prompts_are_the_published_ones():
+    cd = tasks.paper_countdown_prompt(dict(numbers=[30, 100, 93], target=23))
+    assert cd.startswith("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n")
+    assert "Using only the numbers [30, 100, 93], create an arithmetic expression that evaluates to exactly 23." in cd
+    assert cd.endswith("a valid answer is: <answer>\n2*4-3\n</answer>")
+    sd = tasks.paper_sudoku_prompt(dict(puzzle="1234000000000000"))
+    assert sd.count("Question:\nSolve the following Sudoku puzzle: ") == 3                     # 3 exemplars
+    assert "R1: 3 0 1 4\nR2: 0 0 2 0\nR3: 2 0 0 0\nR4: 4 1 3 0\n\nFill easy singles:" in sd
+    assert "Final grid:\nR1: 2 3 4 1\nR2: 4 1 3 2\nR3: 3 2 1 4\nR4: 1 4 2 3\n</reasoning>" in sd
+    assert sd.endswith("</answer>\n\nQuestion: Solve the following Sudoku puzzle: 1234000000000000\nAnswer:\n")
+    assert tasks.paper_math_prompt(dict(question="Q?")).endswith("\\boxed{...}\n</answer>\n\nQ?")
+    assert "a \\boxed{}. \nRespond" in tasks.paper_math_prompt(dict(question="Q?"))
+
+
+def test_paper_countdown_scorer_takes_the_first_answer_and_the_part_before_equals():
+    item = dict(numbers=[3, 5, 7], target=22)
+    score = lambda text: tasks.paper_accuracy("countdown", text, item)[0]                    # noqa: E731
+    assert score("<answer>3*5+7 = 22</answer>") == 1.0                     # ours: 0 (an '=' in the answer)
+    assert tasks.accuracy("countdown", "<answer>3*5+7 = 22</answer>", item)[0] == 0.0
+    assert score("<answer>3*5+7</answer> then <answer>3+5+7</answer>") == 1.0           # the first answer
+    assert score("3 \\times 5 + 7") == 1.0 and score("so: 3*5+7") == 0.0   # no tags: the whole text
+    assert score("<answer>3*5-7</answer>") == 0.0
+    assert score("<answer>\\boxed{3*5+7}</answer>") == 0.0                 # their regex refuses the braces
+    assert tasks.paper_accuracy("countdown", "<answer>2**3</answer>", dict(numbers=[2, 3], target=8))[0] == 1.0
+
+
+def test_paper_sudoku_scorer_is_the_five_pattern_cascade_with_separators_kept():
+    item = SUDOKU                                                           # 8 empty cells
+    cells = lambda text: tasks.paper_accuracy("sudoku", text, item)[0]                     # noqa: E731
+    assert cells("<answer>\n3214142323414132\n</answer><|eot_id|>") == 8
+    assert cells("<answer>3214142323414132<|eot_id|><|endoftext|>") == 8   # unclosed, cut at the stop token
+    assert cells("<answer>3,2,1,4,1,4,2,3,2,3,4,1,4,1,3,2</answer>") < 8   # commas count as characters
+    assert tasks.accuracy("sudoku", "<answer>3,2,1,4,1,4,2,3,2,3,4,1,4,1,3,2</answer>", item)[0] == 8   # ours strips
+    assert cells("<answer>3214142323414132</answer><answer>0000000000000000</answer>") == 8   # the first
+    assert cells("the grid 3214142323414132 it is") == 8 and cells("nothing") == 0
+
+
+def test_paper_gsm8k_and_math_scorers():
+    item = dict(question="?", answer="so #### 36")
+    gsm = lambda text: tasks.paper_accuracy("gsm8k", text, item)[0]                        # noqa: E731
+    assert gsm("\\boxed{36}") == 1.0 and gsm("\\boxed{...} then \\boxed{36}") == 1.0
+    assert gsm("<answer>it is 12 or 36</answer>") == 1.0                    # the last number in <answer>
+    assert gsm("<answer>\\boxed{36") == 1.0                                 # unclosed: the text after <answer>
+    assert gsm("\\boxed{1,234}") == 0.0
+    m = dict(question="?", answer="\\frac{1}{2}")
+    assert tasks.paper_accuracy("math", "so \\boxed{\\frac{1}{2}}.", m)[0] == 1.0
+    assert tasks.paper_accuracy("math", "1/2", m)[0] == 1.0                 # no \boxed: the whole text
+    assert tasks.paper_accuracy("math", "<answer>1/2</answer> \\boxed{1/2", m)[0] == 1.0    # unclosed
+    assert tasks.paper_gsm8k_reward("<reasoning>\nadd\n</reasoning>\n<answer>\n\\boxed{36}\n</answer>\n", item) \
+        == pytest.approx(4.0 - 1.0)                                         # no soft / strict format terms
+
+
+def test_every_paper_scorer_and_reward_is_total_on_garbage():
+    rng = random.Random(1)
+    alphabet = "0123456789+-*/()<>answer/boxed{}\\ \n#.,=^$%reasoning|eot_id"
+    items = dict(sudoku=SUDOKU, countdown=dict(numbers=[1, 2, 3], target=6),
+                 gsm8k=dict(question="?", answer="#### 6"), math=dict(question="?", answer="6"))
+    for _ in range(1000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        for task, item in items.items():
+            assert isinstance(tasks.PAPER_REWARDS[task](s, item), float)
+            assert len(tasks.paper_accuracy(task, s, item)) == 2
