@@ -58,7 +58,7 @@ def sar_mask(comp, block_length, mask_id, generator=None):
     inside block k each token masked with probability 1 - kappa(t) = 1 - t, t ~ U(0, 1) stratified
     over the batch. Only the masked tokens of block k count, with the hazard weight
     kappa'(t) / (1 - kappa(t)) = 1 / (1 - t), divided by the block length (the constant K dropped).
-    Returns x_t (B, G), counted (B, G) bool, time_weight (B,)."""
+    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,)."""
     B, G = comp.shape
     dev = comp.device
     k = torch.randint(G // block_length, (B,), generator=generator, device=dev)
@@ -67,7 +67,7 @@ def sar_mask(comp, block_length, mask_id, generator=None):
     blk = torch.arange(G, device=dev) // block_length                  # block of each position
     counted = (blk == k[:, None]) & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
     x_t = torch.where(counted | (blk > k[:, None]), torch.full_like(comp, mask_id), comp)
-    return x_t, counted, 1.0 / (1.0 - t).clamp_min(1e-3) / block_length
+    return x_t, counted, 1.0 / (1.0 - t).clamp_min(1e-3) / block_length, t
 
 
 def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1):
@@ -164,7 +164,7 @@ class Trainer:
         prompts = [self.prompt(i) for i in self.buffer["idx"][rows].tolist()]
         ids, am = left_pad(prompts, cfg.eos_token_id, self.device)
         comp = self.buffer["comp"][rows]
-        c_t, counted, tw = sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)
+        c_t, counted, tw, _ = sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)
         x1, x_t = torch.cat([ids, comp], 1), torch.cat([ids, c_t], 1)
         am = torch.cat([am, torch.ones_like(comp)], 1)
         where = torch.cat([torch.zeros_like(ids, dtype=torch.bool), counted], 1)  # the active block's masks

@@ -148,7 +148,8 @@ class LLaDAConfig:                     # field names are config.json's; defaults
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: cannot read config.json ({e})") from None
         for key, want in (("include_bias", False), ("weight_tying", False), ("layer_norm_type", "rms"),
-                          ("activation_type", "silu")):
+                          ("activation_type", "silu"), ("block_type", "llama"), ("rope", True),
+                          ("scale_logits", False), ("input_emb_norm", False)):
             if raw.get(key, want) != want:
                 raise CheckpointError(f"{path}: {key} = {raw[key]!r}; this script implements {want!r}")
         raw.setdefault("embedding_size", raw.get("vocab_size", cls.embedding_size))
@@ -315,13 +316,15 @@ def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, bloc
     """LLaDA's semi-autoregressive sampler with low-confidence remasking (generate.py's algorithm).
 
     prompt (B, P), left-padded with attention_mask (B, P) when prompts differ in length.
-    The gen_length masks are decoded block by block, steps / num_blocks steps per block. At each
-    step: x0 = Gumbel-max of the logits at the temperature, in float64 (plain argmax at 0);
-    confidence = softmax prob of x0 (or uniform noise for remasking="random"); the k most confident
-    masked positions of the current block are revealed. Differences from generate.py, none of which
-    changes a token at temperature 0: logits and noise are computed for the current block only (the
-    reference computes them over the whole sequence and then discards them), and masks inside the
-    prompt are never filled.
+    The gen_length masks are decoded block by block, steps / num_blocks steps per block; the counts per
+    step split the block's masks evenly, the remainder first. At each step, at every masked position
+    of the completion up to the end of the current block: x0 = Gumbel-max of the logits at the
+    temperature, in float64 (plain argmax at 0); confidence = softmax prob of x0 (or uniform noise for
+    remasking="random"); the k most confident are revealed. A position whose x0 is the mask id itself
+    stays masked, and competes again at later steps, in later blocks too, as in generate.py.
+    Differences from generate.py, none of which changes a token at temperature 0 (fp32): logits and
+    noise are computed only at the masked positions that can be revealed (the reference computes them
+    everywhere and discards them), and masks inside the prompt are never filled.
     """
     mask_id = model.cfg.mask_token_id
     B, P = prompt.shape
@@ -332,27 +335,26 @@ def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, bloc
     am = None if attention_mask is None else \
         torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype, device=x.device)], 1)
     n_blocks = gen_length // block_length
+    col = torch.arange(x.shape[1], device=x.device)
     for b in range(n_blocks):
-        lo, hi = P + b * block_length, P + (b + 1) * block_length
-        where = torch.zeros_like(x, dtype=torch.bool)
-        where[:, lo:hi] = True
-        k_per_step = num_transfer_tokens(x[:, lo:hi] == mask_id, steps // n_blocks)   # (B, steps/blocks)
+        hi = P + (b + 1) * block_length
+        k_per_step = num_transfer_tokens(x[:, hi - block_length:hi] == mask_id, steps // n_blocks)  # (B, s)
         for s in range(steps // n_blocks):
-            logits = model(x, am, where).view(B, block_length, -1).double()        # (B, blk, V)
+            where = (x == mask_id) & (col >= P) & (col < hi)                    # what may be revealed
+            logits = model(x, am, where).double()                               # (N, V)
             if temperature > 0:                         # Gumbel-max: exp(l) / (-log u)^T, float64
                 u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=x.device)
                 x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
             else:
                 x0 = logits.argmax(-1)
             if remasking == "low_confidence":
-                conf = F.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+                c = F.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
             else:
-                conf = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x.device)
-            blk = x[:, lo:hi]
-            conf = torch.where(blk == mask_id, conf, -math.inf)
+                c = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x.device)
+            conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device).masked_scatter(where, c)
             rank = torch.argsort(conf, dim=-1, descending=True, stable=True).argsort(-1)     # 0 = most confident
-            reveal = rank < k_per_step[:, s:s + 1]
-            x[:, lo:hi] = torch.where(reveal, x0, blk)
+            reveal = where & (rank < k_per_step[:, s:s + 1])
+            x[reveal] = x0[reveal[where]]
     return x[:, P:]
 
 

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------- SAR masking
 def test_sar_masking_masks_only_the_active_block_and_everything_after_it():
     comp = torch.randint(6, 300, (200, 12))
-    x_t, counted, w = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(0))
+    x_t, counted, w, _ = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(0))
     for b in range(200):
         m = x_t[b] == 5
         k = int(torch.nonzero(counted[b])[0]) // 4 if counted[b].any() else None
@@ -36,8 +36,22 @@ def test_sar_masking_hazard_weight_makes_the_expected_count_per_token_one():
     """E[1{counted} / (1 - t)] over t ~ U(0,1) is 1 per token of the active block: the SAR loss is an
     unbiased per-token cross-entropy (times K), the ELBO's form."""
     comp = torch.zeros(20000, 4, dtype=torch.long)
-    _, counted, w = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(1))
+    _, counted, w, _ = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(1))
     assert (counted.sum(1) * w * 4 / 4).mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_sar_weight_is_the_hazard_per_row_and_every_block_position_counts_once_in_expectation():
+    """Per row, w (1 - t) B = 1 exactly; per position j, E[1{counted_j} w B] = 1/K (its block is active with
+    probability 1/K, then counted with probability 1 - t): every token weighs the same in expectation,
+    whatever its block and its place in the block, as in the ELBO."""
+    B, G, L = 40000, 8, 4
+    _, counted, w, t = lf.sar_mask(torch.zeros(B, G, dtype=torch.long), L, mask_id=5,
+                                   generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(w * (1 - t).clamp_min(1e-3) * L, torch.ones(B))
+    assert torch.equal(torch.sort(t).values, (torch.arange(B) + t.min() * B) / B)       # stratified
+    K = G // L
+    for j in range(G):
+        assert (counted[:, j] * w * L).mean().item() * K == pytest.approx(1.0, abs=0.05), j
 
 
 # ----------------------------------------------------------------------------- training and CLI

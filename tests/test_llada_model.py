@@ -187,6 +187,15 @@ def test_3000_mutated_files_load_or_raise_checkpoint_error_never_anything_else(t
     assert outcomes["CheckpointError"] > 2000 and outcomes["loaded"] > 30, outcomes   # both paths taken
 
 
+@pytest.mark.parametrize("key, value", [("scale_logits", True), ("input_emb_norm", True), ("block_type", "sequential"),
+                                        ("rope", False), ("include_bias", True)])
+def test_config_fields_this_network_does_not_implement_are_a_clear_error(tmp_path, key, value):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**CONFIG, key: value}, f)
+    with pytest.raises(lm.CheckpointError, match=f"{key} = {value!r}; this script implements"):
+        lm.LLaDAConfig.from_json(str(tmp_path / "config.json"))
+
+
 def test_checkpoint_errors_name_the_missing_unexpected_or_misshaped_key(tmp_path, tiny):
     state = tiny[1]
     with open(tmp_path / "config.json", "w") as f:
@@ -236,6 +245,33 @@ def test_greedy_sampler_is_token_identical_to_the_slow_transcription(model, gen_
     prompt = torch.randint(6, 300, (3, 7), generator=torch.Generator().manual_seed(gen_length))
     ours = lm.generate(model, prompt, None, gen_length, steps, block_length, temperature=0.0)
     assert torch.equal(ours, reference_generate(model, prompt, steps, gen_length, block_length))
+
+
+class MaskHungry(torch.nn.Module):
+    """The tiny model, but in its first `calls` calls (the first block) it predicts the mask id itself,
+    just above its best token, at every third position: those stay masked and are filled later."""
+    def __init__(self, model, calls):
+        super().__init__()
+        self.model, self.cfg, self.calls = model, model.cfg, calls
+
+    def forward(self, x, attention_mask=None, where=None):
+        logits = self.model(x, attention_mask).clone()
+        if self.calls > 0:
+            self.calls -= 1
+            m, third = self.cfg.mask_token_id, torch.arange(x.shape[1]) % 3 == 0
+            logits[:, third, m] = logits[:, third].max(-1).values + 1e-3
+        return logits if where is None else logits[where]
+
+
+def test_a_predicted_mask_id_stays_masked_and_is_filled_later_as_in_generate_py(model):
+    mask_id = CONFIG["mask_token_id"]
+    prompt = torch.randint(6, 300, (3, 4), generator=torch.Generator().manual_seed(7))
+    ours = lm.generate(MaskHungry(model, 4), prompt, None, gen_length=12, steps=12, block_length=4)
+    ref = reference_generate(MaskHungry(model, 4), prompt, steps=12, gen_length=12, block_length=4)
+    assert torch.equal(ours, ref)
+    first_block = lm.generate(MaskHungry(model, 4), prompt, None, gen_length=4, steps=4, block_length=4)
+    left = first_block == mask_id                                 # block 1's leftover masks ...
+    assert left.any() and (ours[:, :4][left] != mask_id).any()    # ... some filled in a later block
 
 
 class Spy(torch.nn.Module):
