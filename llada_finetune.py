@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dtm import dtm_loss, group_log_mean_exp
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import CheckpointError, chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
-from llada.tasks import PROTOCOLS, task_data
+from llada.tasks import PROTOCOLS, SCORERS, task_data
 
 
 # ============================================================================ SAR-aligned DTM
@@ -50,6 +50,18 @@ PRESETS = dict(
               refresh_prompts=15, refresh_every=50, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.9,
               z="prompt"),
 )
+# The authors' released configs (--preset released): per-GPU batch = micro-batch x grad-accum, their
+# weighting (no Z, r clipped at 0, 1/n over the active block's masks), and the projections their
+# target_modules actually match in LLaDA (o_proj, gate_proj, down_proj do not exist there).
+RELEASED = dict(
+    countdown=dict(steps_per_phase=1200, batch=96, micro_batch=12, clip=2.0, buffer_prompts=40, completions=6,
+                   refresh_prompts=10, refresh_every=25, lr=4e-6, min_lr=2e-6, eta=6.0, temperature=1.0,
+                   ema=0.95),
+    sudoku=dict(steps_per_phase=256, batch=64, micro_batch=16, clip=1.0, buffer_prompts=80, completions=1,
+                refresh_prompts=20, refresh_every=32, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.0, ema=0.0),
+)
+for cfg in RELEASED.values():
+    cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"])
 
 
 def sar_mask(comp, block_length, mask_id, generator=None):
@@ -111,7 +123,7 @@ class Trainer:
         torch.manual_seed(a.seed + self.rank)                          # LoRA dropout, per rank
         n = int(math.ceil(a.a_max / a.eta - 1e-9))
         self.a_grid = [min(k * a.eta, a.a_max) for k in range(n + 1)]
-        self.phase, self.step, self.global_step, self.buffer, self.opt = 1, 0, 0, None, None
+        self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
         self.path = os.path.join(a.out, f"state_rank{self.rank}.pt")
         self.stop = False
 
@@ -165,6 +177,8 @@ class Trainer:
         ids, am = left_pad(prompts, cfg.eos_token_id, self.device)
         comp = self.buffer["comp"][rows]
         c_t, counted, tw, _ = sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)
+        if a.weighting == "released":                   # 1/n over the counted masks: the hazard's mean
+            tw = 1.0 / counted.sum(1).clamp_min(1).float()
         x1, x_t = torch.cat([ids, comp], 1), torch.cat([ids, c_t], 1)
         am = torch.cat([am, torch.ones_like(comp)], 1)
         where = torch.cat([torch.zeros_like(ids, dtype=torch.bool), counted], 1)  # the active block's masks
@@ -174,16 +188,20 @@ class Trainer:
             if a.phi != 0:
                 with torch.no_grad(), teacher_mode(self.model):
                     teacher_logits = self.model(x_t, am, where)
-        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi, log_Z=log_Z[rows])
+        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi,
+                        log_Z=None if log_Z is None else log_Z[rows], normalise=log_Z is not None)
 
     def train_step(self, eta):
         a = self.args
         # The tilt is unchanged by a constant shift of r; shifting by the buffer's minimum makes
         # e^{eta r} >= 1 >= phi, so every NLL weight (e^{eta r} - phi) / Z is >= 0 and the loss is
         # bounded (dtm.py's docstring). Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
-        r = self.buffer["r"] - self.buffer["r"].min()
-        group = self.buffer["idx"] if a.z == "prompt" else None
-        log_Z = group_log_mean_exp(eta * r.double(), group)
+        if a.weighting == "released":                   # the released code: r clipped at 0, e^{eta r} raw
+            r, log_Z = self.buffer["r"].clamp_min(0), None
+        else:
+            r = self.buffer["r"] - self.buffer["r"].min()
+            group = self.buffer["idx"] if a.z == "prompt" else None
+            log_Z = group_log_mean_exp(eta * r.double(), group)
         micro = a.micro_batch or a.batch
         total = 0.0
         for j in range(0, a.batch, micro):
@@ -204,6 +222,10 @@ class Trainer:
             g["lr"] = lr_at(self.step, a.steps_per_phase, a.lr, a.min_lr)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:                        # the released EMA of the student, every step
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p, 1 - a.ema)
         return total, float(gnorm)
 
     def new_optimizer(self):
@@ -214,7 +236,7 @@ class Trainer:
     def save(self):
         """Every rank writes its own buffer and RNG states; the adapters and AdamW, the same on every
         rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
-        state = dict(buffer=self.buffer, phase=self.phase, step=self.step, global_step=self.global_step,
+        state = dict(buffer=self.buffer, phase=self.phase, step=self.step, global_step=self.global_step, ema=self.ema,
                      gen=self.gen.get_state(), rng=torch.get_rng_state(), args=vars(self.args),
                      cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                      lora_checksum=sum(p.double().sum().item() for p in self.params))   # equal on all ranks
@@ -251,6 +273,7 @@ class Trainer:
         if shared["opt"] is not None:
             self.opt = self.new_optimizer()
             self.opt.load_state_dict(shared["opt"])
+        self.ema = s.get("ema")
         self.gen.set_state(s["gen"].cpu())
         torch.set_rng_state(s["rng"].cpu())
         if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU
@@ -275,6 +298,7 @@ class Trainer:
                 eta = self.a_grid[k] - self.a_grid[k - 1]
                 if self.step == 0:                                      # start of a phase
                     snapshot_teacher(self.model)                        # p_a := the current model
+                    self.ema = [p.detach().clone() for p in self.params] if a.ema else None
                     self.opt = self.new_optimizer()
                     self.buffer = self.rollouts(self.draw_prompts(a.buffer_prompts))
                     self.log(phase=k, a=self.a_grid[k - 1], buffer_reward=self.buffer["r"].mean().item(),
@@ -297,6 +321,10 @@ class Trainer:
                     if a.save_every and self.global_step % a.save_every == 0:
                         self.save()
                 bar.close()
+                if self.ema is not None:                                # released: the EMA becomes
+                    with torch.no_grad():                               # the student (and so the
+                        for e, p in zip(self.ema, self.params):         # next phase's teacher)
+                            p.copy_(e)
                 self.phase, self.step = self.phase + 1, 0
                 self.save()
                 if self.rank == 0:
@@ -314,14 +342,15 @@ class Trainer:
 # ============================================================================ evaluation
 @torch.no_grad()
 def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, protocol="ours"):
-    """The paper's sampling protocol: chat template, block 32, steps = gen_length / 2, temperature 0.
-    `protocol` picks the prompts, prefill and scorer (llada/tasks.py: PROTOCOLS). Returns the accuracy
-    (Sudoku: cells; the others: questions), summed over all ranks."""
-    P = PROTOCOLS[protocol]
+    """The paper's sampling protocol: chat template, block 32, steps = gen_length / 2, temperature 0,
+    with the prompts (and prefill) of `protocol`. Every completion is scored by every scorer of
+    llada/tasks.py: SCORERS. Returns {scorer: accuracy} (Sudoku: cells; the others: questions), summed
+    over all ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    P, names = PROTOCOLS[protocol], [n for n in SCORERS if n != "spg" or task == "countdown"]
     mine = items[rank::world]
     dev = model.ff_out.weight.device
-    ok = torch.zeros(2, dtype=torch.float64, device=dev)
+    ok = torch.zeros(len(names), 2, dtype=torch.float64, device=dev)
     model.eval()
     for j in tqdm(range(0, len(mine), batch), desc=f"{task} gen {gen_length}", disable=rank != 0):
         chunk = mine[j:j + batch]
@@ -330,11 +359,12 @@ def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, prot
         with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
             comp = generate(model, ids, am, gen_length, gen_length // 2, block_length, 0.0)
         for c, it in zip(comp.tolist(), chunk):
-            text = decode(tok, c, model.cfg, raw=P["raw"])
-            ok += torch.tensor(P["accuracy"](task, text, it), dtype=torch.float64, device=dev)
+            text = {raw: decode(tok, c, model.cfg, raw=raw) for raw in (False, True)}
+            ok += torch.tensor([SCORERS[n][0](task, text[SCORERS[n][1]], it) for n in names],
+                               dtype=torch.float64, device=dev)
     if world > 1:
         dist.all_reduce(ok)
-    return (ok[0] / ok[1].clamp_min(1)).item()
+    return {n: (ok[k, 0] / ok[k, 1].clamp_min(1)).item() for k, n in enumerate(names)}
 
 
 def run_eval(args):
@@ -350,8 +380,12 @@ def run_eval(args):
     acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length, args.protocol)
            for L in args.eval_lengths}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"\n{args.protocol} protocol\n| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
-        print(f"| {args.task} ({len(items)}) | {' | '.join(f'{100 * v:.1f}' for v in acc.values())} |")
+        first = acc[args.eval_lengths[0]]
+        print(f"\nprompts: {args.protocol} protocol; first row: its scorer, then the others'")
+        print(f"| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
+        for n in sorted(first, key=lambda n: n != args.protocol):
+            label = f"{args.task} ({len(items)})" + ("" if n == args.protocol else f", {n} scorer")
+            print(f"| {label} | {' | '.join(f'{100 * a[n]:.1f}' for a in acc.values())} |")
     return acc
 
 
@@ -400,12 +434,13 @@ def bench(args):
 
 # ============================================================================ the command line
 def parse(argv=None):
-    presets = "\n".join(f"  {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items()) for t, d in PRESETS.items())
+    presets = "\n".join(f"  {name} {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items())
+                        for name, table in (("paper   ", PRESETS), ("released", RELEASED)) for t, d in table.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=type("Fmt", (argparse.ArgumentDefaultsHelpFormatter,
                                                              argparse.RawDescriptionHelpFormatter), {}),
-                                epilog="presets (App. D.2 and the released configs; a flag overrides "
-                                       "its value):\n" + presets)
+                                epilog="presets (--preset paper: App. D.2; released: the authors' configs; a "
+                                       "flag overrides its value):\n" + presets)
     p.add_argument("--model_dir", required=True, help="LLaDA checkpoint: config.json, tokenizer.json, safetensors")
     p.add_argument("--task", required=True, choices=list(PRESETS),
                    help="sudoku (4x4, generated), countdown (3 numbers, generated or --train_data), "
@@ -427,13 +462,20 @@ def parse(argv=None):
     p.add_argument("--eval_batch", type=int, default=8, help="prompts per sampling batch")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")
     g = p.add_argument_group("DTM (None: the task's preset, App. D.2)")
+    g.add_argument("--preset", choices=["paper", "released"], default="paper",
+                   help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs")
+    g.add_argument("--weighting", choices=["paper", "released"],
+                   help="paper: hazard time weight, Z per prompt, r shifted by the buffer's minimum; released: "
+                        "1/n over the counted masks, raw e^{eta r}, r clipped at 0 (default: paper)")
+    g.add_argument("--ema", type=float, help="released: the student's EMA (this decay, every step) becomes "
+                                            "student and teacher at each phase end; 0: off (default: 0)")
     g.add_argument("--phi", type=float, default=1.0, help="control variate (eq. 17); 1 in all of the paper's runs")
     g.add_argument("--eta", type=float, help="annealing step of the tilt a")
     g.add_argument("--a_max", type=float, default=100.0, help="final tilt (the released a_end)")
     g.add_argument("--steps_per_phase", type=int, help="optimiser steps per phase")
     g.add_argument("--batch", type=int, help="sequences per optimiser step per GPU")
-    g.add_argument("--micro_batch", type=int, default=0,
-                   help="sequences per forward (gradient accumulation); 0: batch")
+    g.add_argument("--micro_batch", type=int,
+                   help="sequences per forward (gradient accumulation); 0: batch (default: 0)")
     g.add_argument("--lr", type=float, help="AdamW peak learning rate (betas 0.9, 0.99)")
     g.add_argument("--min_lr", type=float, help="learning rate at the end of a phase's 10%% decay")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (App. D.2: 0.1)")
@@ -453,8 +495,8 @@ def parse(argv=None):
     s.add_argument("--lora_r", type=int, default=128, help="LoRA rank (App. D.2: 128)")
     s.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha; scale = alpha / r")
     s.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    s.add_argument("--lora_targets", nargs="+", default=list(LORA_TARGETS), choices=LORA_TARGETS,
-                   help="linear layers of every block that get an adapter")
+    s.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS,
+                   help="linear layers of every block that get an adapter (default: all seven)")
     s.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     s.add_argument("--save_every", type=int, default=50, help="steps between state saves (0: phase ends only)")
     s.add_argument("--stop_after", type=int, default=0, help="save and stop after this many steps in all")
@@ -462,12 +504,16 @@ def parse(argv=None):
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: bf16 weights and autocast; cpu: float32")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.task].items():
+    if args.preset == "released" and args.task not in RELEASED:
+        p.error(f"--preset released: the authors released configs for {' and '.join(RELEASED)} only")
+    fallback = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", lora_targets=list(LORA_TARGETS))
+    for k, v in {**fallback, **(PRESETS if args.preset == "paper" else RELEASED)[args.task]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     problems = [m for bad, m in [
         (args.eta <= 0, f"--eta must be > 0 (got {args.eta})"),
         (not 0 <= args.phi <= 1, f"--phi must be in [0, 1] (got {args.phi})"),
+        (not 0 <= args.ema < 1, f"--ema must be in [0, 1) (got {args.ema})"),
         (args.gen_length % args.block_length, "--gen_length must be a multiple of --block_length"),
         ((args.gen_length // args.tokens_per_step) % (args.gen_length // args.block_length),
          "gen_length / tokens_per_step steps must split evenly over the blocks"),

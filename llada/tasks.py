@@ -395,29 +395,38 @@ def paper_gsm8k_answer(text):
     return first_number(rest, last=True) if rest else None
 
 
-def paper_math_answer(text):
-    """d1/SPG: the last \\boxed{...} (a text with no \\boxed is its own answer); an unclosed one falls back to
-    the first <answer>."""
+def spg_last_boxed(text):
+    """d1/SPG's `remove_boxed(last_boxed_only_string(text))`: the content of the last \\boxed{...}, the whole
+    text when it has no \\boxed, None when the last one is never closed."""
     if "\\boxed " in text:
         return text.split("\\boxed ")[-1].split("$")[0]
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox") if "\\boxed" not in text else -1)
+    i = text.rfind("\\boxed") if "\\boxed" in text else text.rfind("\\fbox")
     if i < 0:
         return text
-    j, depth = i, 0
+    depth = 0
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if text[j] == "}" and depth == 0:
             box = text[i:j + 1]
             return box[7:-1] if box.startswith("\\boxed{") else box
+    return None
+
+
+def first_answer(text):
     m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
     return m.group(1).strip() if m else None
 
 
-def paper_countdown_correct(text, item):
-    """The DTM authors' parser: the first <answer> (else the whole text), LaTeX operators mapped, the part
-    before '= value' if there is one; right numbers, allowed characters, |value - target| < 1e-5."""
-    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    eq = m.group(1).strip() if m else text
+def paper_math_answer(text):
+    """SPG: the last \\boxed{...} (a text with no \\boxed is its own answer); an unclosed one falls back to
+    the first <answer>."""
+    box = spg_last_boxed(text)
+    return box if box else first_answer(text)
+
+
+def countdown_correct(eq, item):
+    """The baselines' check of an extracted expression: LaTeX operators mapped, the part before '= value' if
+    there is one; the right numbers, allowed characters only, |value - target| < 1e-5."""
     eq = eq.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*")
     m = re.search(r"([0-9+\-*/() ]+)=[0-9. ]+", eq)
     eq = m.group(1).strip() if m else eq
@@ -425,6 +434,21 @@ def paper_countdown_correct(text, item):
         return False
     v = arith(eq, python=True)
     return v is not None and abs(v - item["target"]) < 1e-5
+
+
+def paper_countdown_correct(text, item):
+    """The DTM authors' parser: the first <answer>, else the whole text."""
+    ans = first_answer(text)
+    return countdown_correct(text if ans is None else ans, item)
+
+
+def spg_countdown_correct(text, item):
+    """SPG's parser: the last \\boxed{} (the whole text if there is none); if it is never closed, the first
+    <answer>, else the whole text."""
+    eq = spg_last_boxed(text)
+    if eq is None:
+        eq = first_answer(text)
+    return countdown_correct(text if eq is None else eq, item)
 
 
 def paper_sudoku_cells(text, item):
@@ -466,9 +490,17 @@ PROMPTS = dict(sudoku=sudoku_prompt, countdown=countdown_prompt, gsm8k=math_prom
 PAPER_REWARDS = dict(REWARDS, gsm8k=paper_gsm8k_reward)
 PAPER_PROMPTS = dict(sudoku=paper_sudoku_prompt, countdown=paper_countdown_prompt, gsm8k=paper_math_prompt,
                      math=paper_math_prompt)
-PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, accuracy=accuracy, prefill={}, raw=False),
-                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, accuracy=paper_accuracy,
-                            prefill=PREFILL, raw=True))
+PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, prefill={}),
+                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, prefill=PREFILL))
+
+
+def spg_accuracy(task, text, item):
+    """SPG's scorer: the paper's, but for Countdown's parser (the last \\boxed{}, not the first <answer>)."""
+    return (float(spg_countdown_correct(text, item)), 1) if task == "countdown" else paper_accuracy(task, text, item)
+
+
+# name: (scorer, reads the raw completion); evaluation reports each (SPG's only where it differs: Countdown)
+SCORERS = dict(ours=(accuracy, False), paper=(paper_accuracy, True), spg=(spg_accuracy, True))
 
 
 def read_jsonl(path, what, fields=("question", "answer")):

@@ -73,11 +73,12 @@ def adapters(path):
     return torch.load(path, weights_only=True)["student"]
 
 
-def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path):
+@pytest.mark.parametrize("preset", [[], ["--preset", "released"]])    # released: EMA teacher, its weighting
+def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path, preset):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    lf.main(train_args(tiny[0], straight, "--stop_after", "5"))
-    lf.main(train_args(tiny[0], split, "--stop_after", "3"))        # "killed" mid phase 2
-    lf.main(train_args(tiny[0], split, "--stop_after", "5", "--resume"))
+    lf.main(train_args(tiny[0], straight, "--stop_after", "5", *preset))
+    lf.main(train_args(tiny[0], split, "--stop_after", "3", *preset))        # "killed" mid phase 2
+    lf.main(train_args(tiny[0], split, "--stop_after", "5", "--resume", *preset))
     a, b = adapters(os.path.join(straight, "state_rank0.pt")), adapters(os.path.join(split, "state_rank0.pt"))
     assert a.keys() == b.keys()
     moved = 0
@@ -107,7 +108,24 @@ def test_eval_under_the_paper_protocol_reads_spg_files_and_prints_its_table(tiny
     r = run_cli("--model_dir", tiny[0], "--task", "countdown", "--eval", "--protocol", "paper", "--eval_lengths", "8",
                 "--block_length", "4", "--test_data", str(tmp_path / "cd.jsonl"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "paper protocol\n| task | gen 8 |" in r.stdout and "| countdown (2) |" in r.stdout
+    assert "paper protocol" in r.stdout and "| task | gen 8 |" in r.stdout and "| countdown (2) |" in r.stdout
+    assert "| countdown (2), ours scorer |" in r.stdout and "| countdown (2), spg scorer |" in r.stdout
+
+
+def test_released_preset_fills_what_is_not_given_and_ema_becomes_student_and_teacher(tiny, tmp_path):
+    a = lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--preset", "released", "--lr", "1e-5"])
+    assert (a.steps_per_phase, a.batch, a.micro_batch, a.buffer_prompts, a.ema, a.weighting, a.lr) == \
+        (1200, 96, 12, 40, 0.95, "released", 1e-5)
+    assert a.lora_targets == ["q_proj", "k_proj", "v_proj", "up_proj"]
+    out = str(tmp_path / "ema")
+    lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--ema", "0.5", "--steps_per_phase", "3"))
+    s = torch.load(os.path.join(out, "state_rank0.pt"), weights_only=True)
+    for i, (A, B) in enumerate(s["student"].values()):                      # after the phase: student = EMA
+        assert torch.equal(A, s["ema"][2 * i]) and torch.equal(B, s["ema"][2 * i + 1])
+    lf.main(train_args(tiny[0], out + "0", "--a_max", "0.5", "--ema", "0", "--steps_per_phase", "3"))
+    plain = torch.load(os.path.join(out + "0", "state_rank0.pt"), weights_only=True)["student"]
+    moved = [(B - B0).abs().sum().item() for (_, B), (_, B0) in zip(s["student"].values(), plain.values())]
+    assert sum(moved) > 0 and sum(B.abs().sum().item() for _, B in s["student"].values()) > 0
 
 
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),

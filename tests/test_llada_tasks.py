@@ -184,6 +184,17 @@ def test_paper_countdown_scorer_takes_the_first_answer_and_the_part_before_equal
     assert tasks.paper_accuracy("countdown", "<answer>2**3</answer>", dict(numbers=[2, 3], target=8))[0] == 1.0
 
 
+def test_spg_countdown_scorer_reads_the_last_boxed_where_the_dtm_authors_read_the_first_answer():
+    item = dict(numbers=[3, 5, 7], target=22)
+    for text, dtm, spg in [("so \\boxed{3*5+7}", 0.0, 1.0),                   # \boxed outside <answer>
+                           ("<answer>3*5+7</answer>", 1.0, 0.0),               # no \boxed: SPG reads the whole text
+                           ("<answer>3*5+7</answer> \\boxed{3*5+7", 1.0, 1.0),   # unclosed: the first <answer>
+                           ("<answer>\\boxed{3*5+7}</answer>", 0.0, 1.0),      # DTM: braces refused ...
+                           ("<answer>\\boxed{3 \\times 5 + 7 = 22}</answer>", 1.0, 1.0)]:   # ... unless '= 22' cuts them
+        assert tasks.paper_accuracy("countdown", text, item)[0] == dtm, text
+        assert tasks.spg_accuracy("countdown", text, item)[0] == spg, text
+
+
 def test_paper_sudoku_scorer_is_the_five_pattern_cascade_with_separators_kept():
     item = SUDOKU                                                           # 8 empty cells
     cells = lambda text: tasks.paper_accuracy("sudoku", text, item)[0]                     # noqa: E731
