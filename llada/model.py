@@ -193,13 +193,20 @@ class Block(nn.Module):
         self.ff_proj, self.up_proj = lin(c.d_model, c.mlp_hidden_size), lin(c.d_model, c.mlp_hidden_size)
         self.ff_out = lin(c.mlp_hidden_size, c.d_model)
 
-    def forward(self, x, pos, keep):
+    def forward(self, x, pos, keep, kv=None, span=None):
+        """kv: a list to which this call appends its (k, v) (a cache refresh), or, with span = (lo, hi),
+        the cached (k, v) of the whole sequence, whose positions lo:hi x's fresh ones replace."""
         B, T, D = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, T, self.nh, self.hd).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(h).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+        if span is not None:                                                # the other positions: cached
+            (kc, vc), (lo, hi) = kv, span
+            k, v = (torch.cat([c[:, :, :lo], z, c[:, :, hi:]], 2) for c, z in ((kc, k), (vc, v)))
+        elif kv is not None:
+            kv.append((k, v))
         if self.nkv != self.nh:                                             # grouped-query attention
             k, v = (z.repeat_interleave(self.nh // self.nkv, dim=1) for z in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)        # keep: (B, 1, 1, T) or None
@@ -218,22 +225,26 @@ class LLaDA(nn.Module):
         self.ln_f = RMSNorm(c.d_model, c.rms_norm_eps)
         self.ff_out = nn.Linear(c.d_model, c.embedding_size, bias=False)   # untied head
 
-    def forward(self, ids, attention_mask=None, where=None):
+    def forward(self, ids, attention_mask=None, where=None, cache=None, span=None):
         """ids (B, T); attention_mask (B, T), 1 = token, 0 = left padding; where (B, T) bool: the logits
         are computed only there, (N, V) row-major (the head is ~1/8 of the 8B's FLOPs per token).
-        Positions count real tokens only, so a left-padded prompt sees the positions it would alone."""
+        Positions count real tokens only, so a left-padded prompt sees the positions it would alone.
+        KV cache (the cached sampler): cache=[] fills the list with every layer's keys and values;
+        cache=that list and span=(lo, hi) runs only positions lo:hi, against the cached others."""
         B, T = ids.shape
         if attention_mask is None:
             pos, keep = torch.arange(T, device=ids.device).expand(B, T), None
         else:
             pos = (attention_mask.long().cumsum(1) - 1).clamp_min(0)
             keep = attention_mask.bool()[:, None, None, :]
+        if span is not None:
+            ids, pos, where = ids[:, span[0]:span[1]], pos[:, span[0]:span[1]], where[:, span[0]:span[1]]
         x = self.wte(ids)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.checkpointing and torch.is_grad_enabled():              # recompute in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, pos, keep, use_reentrant=False)
             else:
-                x = block(x, pos, keep)
+                x = block(x, pos, keep, cache if span is None else cache[i], span)
         x = self.ln_f(x)
         return self.ff_out(x if where is None else x[where])
 
@@ -271,6 +282,19 @@ def load_model(model_dir, device="cpu", dtype=torch.float32):
         raise CheckpointError(f"{model_dir}: missing tensor {missing[0]}" +
                               (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.load_state_dict(state, assign=True)
+    return model.requires_grad_(False)
+
+
+def random_model(cfg, device="cpu", dtype=torch.float32, seed=0):
+    """LLaDA of config `cfg` with random weights (N(0, 0.02), norms 1), built in place on `device` in
+    `dtype`: for benchmarks and tests, when no checkpoint is at hand (`--bench_shape 8b`: 16 GB in bf16)."""
+    with torch.device("meta"):
+        model = LLaDA(cfg).to(dtype)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") or name == "ln_f.weight" else p.normal_(0, 0.02, generator=g)
     return model.requires_grad_(False)
 
 
@@ -312,7 +336,7 @@ def num_transfer_tokens(masked, steps):
 
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, block_length=32,
-             temperature=0.0, remasking="low_confidence", generator=None):
+             temperature=0.0, remasking="low_confidence", generator=None, cache=None, refresh=None):
     """LLaDA's semi-autoregressive sampler with low-confidence remasking (generate.py's algorithm).
 
     prompt (B, P), left-padded with attention_mask (B, P) when prompts differ in length.
@@ -325,6 +349,13 @@ def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, bloc
     Differences from generate.py, none of which changes a token at temperature 0 (fp32): logits and
     noise are computed only at the masked positions that can be revealed (the reference computes them
     everywhere and discards them), and masks inside the prompt are never filled.
+
+    cache="prefix" or "dual" (Fast-dLLM's block KV cache; approximate, opt-in): every `refresh` steps
+    (default: once per block, at its first step) one full call caches every layer's keys and values;
+    the other steps run only the current block and the masked suffix ("prefix": the prompt and finished
+    blocks come from the cache) or only the current block ("dual": the suffix too). Under bidirectional
+    attention the cached keys are stale, so the tokens can differ from the exact sampler's; between
+    refreshes only the current block's masks can be revealed. refresh=1 is the exact sampler.
     """
     mask_id = model.cfg.mask_token_id
     B, P = prompt.shape
@@ -336,12 +367,20 @@ def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, bloc
         torch.cat([attention_mask, torch.ones(B, gen_length, dtype=attention_mask.dtype, device=x.device)], 1)
     n_blocks = gen_length // block_length
     col = torch.arange(x.shape[1], device=x.device)
+    per_block = steps // n_blocks
+    refresh = refresh or per_block
     for b in range(n_blocks):
-        hi = P + (b + 1) * block_length
-        k_per_step = num_transfer_tokens(x[:, hi - block_length:hi] == mask_id, steps // n_blocks)  # (B, s)
-        for s in range(steps // n_blocks):
-            where = (x == mask_id) & (col >= P) & (col < hi)                    # what may be revealed
-            logits = model(x, am, where).double()                               # (N, V)
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        k_per_step = num_transfer_tokens(x[:, lo:hi] == mask_id, per_block)                # (B, steps)
+        for s in range(per_block):
+            if cache is None or s % refresh == 0:
+                where = (x == mask_id) & (col >= P) & (col < hi)                # what may be revealed
+                kv = [] if cache else None                                      # refresh the cache
+                logits = (model(x, am, where, kv) if cache else model(x, am, where)).double()   # (N, V)
+            else:
+                where = (x == mask_id) & (col >= lo) & (col < hi)
+                span = (lo, hi) if cache == "dual" else (lo, x.shape[1])
+                logits = model(x, am, where, kv, span).double()
             if temperature > 0:                         # Gumbel-max: exp(l) / (-log u)^T, float64
                 u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=x.device)
                 x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)

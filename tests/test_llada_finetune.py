@@ -92,6 +92,12 @@ def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path, pr
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+def test_training_with_the_dual_cache_sampler_for_rollouts_runs_to_an_adapter(tiny, tmp_path):
+    out = str(tmp_path / "cached")
+    lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--rollout_cache", "dual"))
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
 def test_full_run_writes_a_peft_adapter_and_eval_prints_a_table(tiny, tmp_path):
     out = str(tmp_path / "run")
     lf.main(train_args(tiny[0], out, "--a_max", "0.5"))
@@ -126,6 +132,22 @@ def test_released_preset_fills_what_is_not_given_and_ema_becomes_student_and_tea
     plain = torch.load(os.path.join(out + "0", "state_rank0.pt"), weights_only=True)["student"]
     moved = [(B - B0).abs().sum().item() for (_, B), (_, B0) in zip(s["student"].values(), plain.values())]
     assert sum(moved) > 0 and sum(B.abs().sum().item() for _, B in s["student"].values()) > 0
+
+
+def test_bench_prints_a_warm_timing_table_per_batch_size_in_seconds(tiny, capsys):
+    rows = lf.bench(lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--bench", "--bench_batches", "1", "3",
+                              "--gen_length", "8", "--block_length", "4", "--lora_r", "4", "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "| batch | sampling step s | tokens/s at 2/step | TFLOP/s |" in out
+    assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[5] > 0 for r in rows)
+    assert rows[1][2] == pytest.approx(3 * 2 / rows[1][1])                       # tokens/s = B x 2 / step
+
+
+def test_flop_count_of_a_forward_matches_a_hand_count():
+    c = lf.LLaDAConfig(d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden_size=16, embedding_size=100)
+    per_layer = 8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16                             # q, o; k, v (GQA: 4); 3 MLP
+    assert lf.forward_flops(c, tokens=10, seq_len=5, logit_rows=3) == \
+        10 * (2 * 2 * per_layer + 4 * 2 * 5 * 8) + 3 * 2 * 8 * 100
 
 
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),
