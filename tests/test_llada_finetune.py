@@ -134,22 +134,6 @@ def test_released_preset_fills_what_is_not_given_and_ema_becomes_student_and_tea
     assert sum(moved) > 0 and sum(B.abs().sum().item() for _, B in s["student"].values()) > 0
 
 
-def test_bench_prints_a_warm_timing_table_per_batch_size_in_seconds(tiny, capsys):
-    rows = lf.bench(lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--bench", "--bench_batches", "1", "3",
-                              "--gen_length", "8", "--block_length", "4", "--lora_r", "4", "--device", "cpu"]))
-    out = capsys.readouterr().out
-    assert "| batch | sampling step s | tokens/s at 2/step | TFLOP/s |" in out
-    assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[5] > 0 for r in rows)
-    assert rows[1][2] == pytest.approx(3 * 2 / rows[1][1])                       # tokens/s = B x 2 / step
-
-
-def test_flop_count_of_a_forward_matches_a_hand_count():
-    c = lf.LLaDAConfig(d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden_size=16, embedding_size=100)
-    per_layer = 8 * 8 * 2 + 8 * 4 * 2 + 3 * 8 * 16                             # q, o; k, v (GQA: 4); 3 MLP
-    assert lf.forward_flops(c, tokens=10, seq_len=5, logit_rows=3) == \
-        10 * (2 * 2 * per_layer + 4 * 2 * 5 * 8) + 3 * 2 * 8 * 100
-
-
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),
                                             (["--eta", "-1"], "--eta must be > 0"),
                                             (["--phi", "2"], "--phi must be in [0, 1]")])

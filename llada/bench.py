@@ -1,0 +1,152 @@
+"""Benchmark of LLaDA fine-tuning: warm timings of a sampling step and a DTM training step per batch
+size (tokens/s, sequences/s, model TFLOP/s and the share of the card's peak, peak memory), and the exact
+sampler against the KV-cached ones, side by side. Random models of a given shape are built in memory,
+so no checkpoint is needed. Run it through the command line:
+
+    python llada_finetune.py --bench_shape 8b --task countdown --bench --bench_batches 4 8 16 --bench_sampler
+    python llada_finetune.py --bench_shape 100m --task countdown --bench --bench_batches 1 4 --device cpu
+"""
+import resource
+import time
+
+import torch
+
+from llada.lora import snapshot_teacher, teacher_mode
+from llada.model import generate
+
+SHAPES = dict(                                   # --bench_shape: random models built in memory
+    **{"8b": {}},                               # LLaDA-8B (LLaDAConfig's defaults): 16 GB in bf16
+    **{"100m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_hidden_size=2048,
+                    embedding_size=32000, mask_token_id=31999, eos_token_id=31998)})   # 134M, for CPU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, SXM
+
+
+def forward_flops(cfg, tokens, seq_len, logit_rows, lora_params=0):
+    """Model FLOPs of one forward: 2 per weight per token (blocks' linears and adapters), attention's
+    4 T d per token per layer, and the head only at the logit rows (the standard MFU count)."""
+    d, f = cfg.d_model, cfg.mlp_hidden_size
+    per_layer = 2 * d * d + 2 * d * (cfg.n_kv_heads * d // cfg.n_heads) + 3 * d * f
+    return (tokens * (2 * (cfg.n_layers * per_layer + lora_params) + 4 * cfg.n_layers * seq_len * d)
+            + logit_rows * 2 * d * cfg.embedding_size)
+
+
+def timed(fn, warmup=2, repeat=5, sync=lambda: None):
+    """Median seconds of `repeat` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench(args, t):
+    """Warm timings of a sampling step and a training step at a few batch sizes: tokens/s, sequences/s,
+    model TFLOP/s (and the share of the device's peak), peak memory. A sampling step is one network call
+    over the whole sequence (64 prompt + gen_length tokens) with logits on one block, which the exact
+    sampler makes gen_length / tokens_per_step times; a training step is teacher + student forward,
+    backward and AdamW on `batch` sequences, with the Trainer `t` (llada_finetune.py) on a random buffer."""
+    dev = torch.device(args.device)
+    cuda, dtype = dev.type == "cuda", torch.bfloat16 if dev.type == "cuda" else torch.float32
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+
+    def peak_gib(reset=False):
+        if cuda:
+            if reset:
+                torch.cuda.reset_peak_memory_stats(dev)
+            return torch.cuda.max_memory_allocated(dev) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20    # kB on Linux; a running peak
+    batches = args.bench_batches or [args.batch]
+    cfg, T, G = t.cfg, 64 + args.gen_length, args.gen_length
+    n_lora = sum(p.numel() for p in t.params)
+    n_base = sum(p.numel() for p in t.model.parameters()) - n_lora
+    peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(dev)), None)
+    print(f"model: {n_base:,} base + {n_lora:,} LoRA parameters, {dtype}, {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if cuda else "") + f"; sequences of 64 + {G} tokens")
+    rows = []
+    for B in batches:
+        args.batch = B
+        t.buffer = dict(idx=torch.zeros(B, dtype=torch.long, device=dev),                 # a random buffer
+                        comp=torch.randint(6, cfg.embedding_size, (B, G), device=dev), r=torch.rand(B, device=dev))
+        t.prompt_cache[0] = list(range(6, 70))
+        t.opt = t.new_optimizer()
+        snapshot_teacher(t.model)
+        x = torch.cat([torch.tensor([t.prompt_cache[0]] * B, device=dev), t.buffer["comp"]], 1)
+        where = torch.zeros_like(x, dtype=torch.bool)
+        where[:, 64:64 + args.block_length] = True
+        x[where] = cfg.mask_token_id
+
+        def sample_step():
+            with torch.no_grad(), teacher_mode(t.model), t.autocast():
+                t.model.eval()
+                t.model(x, None, where).double().softmax(-1).max(-1)
+            t.model.train()
+        peak_gib(reset=True)
+        base = peak_gib()
+        s_step = timed(sample_step, sync=sync)
+        s_mem = peak_gib() - (0 if cuda else base)
+        s_flops = forward_flops(cfg, B * T, T, B * args.block_length, n_lora // 2)
+        peak_gib(reset=True)
+        base = peak_gib()
+        t_step = timed(lambda: t.train_step(args.eta), sync=sync)
+        t_mem = peak_gib() - (0 if cuda else base)
+        rows_counted = B * args.block_length // 2                                         # E[counted] = blk / 2
+        t_flops = 4 * forward_flops(cfg, B * T, T, rows_counted, n_lora // 2)             # teacher + 3 x student
+        share = lambda f, s: f"{f / s / 1e12:.3g}" + (f" ({100 * f / s / 1e12 / peak:.0f}%)" if peak else "")  # noqa: E731
+        rows.append((B, s_step, B * args.tokens_per_step / s_step, share(s_flops, s_step), s_mem,
+                     t_step, B / t_step, share(t_flops, t_step), t_mem))
+    if args.bench_sampler:
+        bench_sampler(t.model, args, batches[0], sync)
+    mem = "peak GiB" if cuda else "peak RSS growth GiB (coarse)"
+    print(f"| batch | sampling step s | tokens/s at {args.tokens_per_step}/step | TFLOP/s | {mem} "
+          f"| training step s | sequences/s | TFLOP/s | {mem} |\n|---|---|---|---|---|---|---|---|---|")
+    for B, ss, tok_s, sf, sm, ts, seq_s, tf, tm in rows:
+        print(f"| {B} | {ss:.3f} | {tok_s:.1f} | {sf} | {sm:.2f} | {ts:.3f} | {seq_s:.2f} | {tf} | {tm:.2f} |")
+    return rows
+
+
+def sampler_flops(cfg, B, P, G, steps, blk, cache):
+    """Model FLOPs of one `generate` call: a full call per step (exact), or per refresh (once per block)
+    plus span calls over the block (dual) or the block and the suffix (prefix), against all T keys."""
+    T, per_block = P + G, steps // (G // blk)
+    total = 0
+    for b in range(G // blk):
+        lo = P + b * blk
+        span = T if cache is None else blk if cache == "dual" else T - lo
+        total += forward_flops(cfg, B * T, T, B * blk) + (per_block - 1) * forward_flops(cfg, B * span, T, B * blk)
+    return total
+
+
+def bench_sampler(model, args, B, sync):
+    """The exact sampler against the cached ones, side by side: one full greedy generate each on the same
+    random prompts (after a one-block warm-up), tokens/s, the FLOP ratio, and token agreement with exact."""
+    dev, cfg, G = next(model.parameters()).device, model.cfg, args.gen_length
+    steps = G // args.tokens_per_step
+    prompt = torch.randint(6, cfg.embedding_size, (B, 64), generator=torch.Generator().manual_seed(0)).to(dev)
+    prompt[prompt == cfg.mask_token_id] = 6                                             # no mask in a prompt
+    rows, exact = [], None
+    with teacher_mode(model), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        model.eval()
+        for cache in (None, "prefix", "dual"):
+            generate(model, prompt, None, args.block_length, args.block_length // args.tokens_per_step,
+                     args.block_length, cache=cache)                                     # warm-up
+            sync()
+            t0 = time.perf_counter()
+            out = generate(model, prompt, None, G, steps, args.block_length, cache=cache)
+            sync()
+            dt = time.perf_counter() - t0
+            exact = out if exact is None else exact
+            rows.append((cache or "exact", dt, B * G / dt, sampler_flops(cfg, B, 64, G, steps, args.block_length, cache),
+                         (out == exact).float().mean().item()))
+        model.train()
+    print(f"sampler, batch {B}, 64 + {G} tokens, {steps} steps, block {args.block_length}, temperature 0:\n"
+          f"| sampler | s | tokens/s | speed-up | model TFLOP | FLOP ratio | token agreement with exact |\n"
+          f"|---|---|---|---|---|---|---|")
+    for name, dt, tps, fl, agree in rows:
+        print(f"| {name} | {dt:.2f} | {tps:.1f} | {rows[0][1] / dt:.2f}x | {fl / 1e12:.3g} | "
+              f"{rows[0][3] / fl:.2f}x | {100 * agree:.1f}% |")
+    return rows
