@@ -84,7 +84,7 @@ def test_math_format_term_is_a_quarter_without_answer_tags_as_the_formula_says()
     assert tasks.math_reward("<answer>\\boxed{8}</answer>", item) == 0.5 * 2.0
 
 
-def test_every_reward_is_total_on_1000_garbage_strings():
+def test_every_reward_and_scorer_of_both_protocols_is_total_on_1000_garbage_strings():
     rng = random.Random(0)
     alphabet = "0123456789+-*/()<>answer/boxed{}\\ \n#.,=^$%reasoning"
     items = dict(sudoku=SUDOKU, countdown=dict(numbers=[1, 2, 3], target=6),
@@ -96,6 +96,8 @@ def test_every_reward_is_total_on_1000_garbage_strings():
         for task, item in items.items():
             assert isinstance(tasks.REWARDS[task](s, item), float)
             assert len(tasks.accuracy(task, s, item)) == 2
+            assert isinstance(tasks.PAPER_REWARDS[task](s, item), float)                 # the paper's protocol
+            assert all(len(score(task, s + "<|eot_id|>", item)) == 2 for score, _ in tasks.SCORERS.values())
 
 
 
@@ -219,15 +221,3 @@ def test_paper_gsm8k_and_math_scorers():
     assert tasks.paper_accuracy("math", "<answer>1/2</answer> \\boxed{1/2", m)[0] == 1.0    # unclosed
     assert tasks.paper_gsm8k_reward("<reasoning>\nadd\n</reasoning>\n<answer>\n\\boxed{36}\n</answer>\n", item) \
         == pytest.approx(4.0 - 1.0)                                         # no soft / strict format terms
-
-
-def test_every_paper_scorer_and_reward_is_total_on_garbage():
-    rng = random.Random(1)
-    alphabet = "0123456789+-*/()<>answer/boxed{}\\ \n#.,=^$%reasoning|eot_id"
-    items = dict(sudoku=SUDOKU, countdown=dict(numbers=[1, 2, 3], target=6),
-                 gsm8k=dict(question="?", answer="#### 6"), math=dict(question="?", answer="6"))
-    for _ in range(1000):
-        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
-        for task, item in items.items():
-            assert isinstance(tasks.PAPER_REWARDS[task](s, item), float)
-            assert len(tasks.paper_accuracy(task, s, item)) == 2
