@@ -1,9 +1,10 @@
 """DTM fine-tuning of LLaDA-8B-Instruct: SAR-aligned masking (paper App. C), the annealing loop, the
-evaluation protocol, a memory benchmark and the command line.
+evaluation protocol and the command line.
 
 The concepts it uses live one per file: `llada/model.py` (safetensors, the network, the sampler),
-`llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards) and
-`dtm.py: dtm_loss` (the loss). No `transformers`, no `peft`: torch and `tokenizers` only.
+`llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards, scorers),
+`llada/bench.py` (--bench) and `dtm.py: dtm_loss` (the loss). No `transformers`, no `peft`: torch and
+`tokenizers` only.
 
     # the real model (download once, with internet):  huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku                 # DTM, App. D.2 preset
@@ -27,8 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dtm import dtm_loss, group_log_mean_exp
-from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.bench import SHAPES, bench
+from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
 from llada.tasks import PROTOCOLS, SCORERS, task_data
