@@ -96,7 +96,8 @@ def bench(args, t):
         t_mem = peak_gib() - (0 if cuda else base)
         rows_counted = B * args.block_length // 2                                         # E[counted] = blk / 2
         t_flops = 4 * forward_flops(cfg, B * T, T, rows_counted, n_lora // 2)             # teacher + 3 x student
-        share = lambda f, s: f"{f / s / 1e12:.3g}" + (f" ({100 * f / s / 1e12 / peak:.0f}%)" if peak else "")  # noqa: E731
+        def share(flops, s):                                                            # TFLOP/s (% of peak)
+            return f"{flops / s / 1e12:.3g}" + (f" ({100 * flops / s / 1e12 / peak:.0f}%)" if peak else "")
         rows.append((B, s_step, B * args.tokens_per_step / s_step, share(s_flops, s_step), s_mem,
                      t_step, B / t_step, share(t_flops, t_step), t_mem))
     if args.bench_sampler:
@@ -140,8 +141,8 @@ def bench_sampler(model, args, B, sync):
             sync()
             dt = time.perf_counter() - t0
             exact = out if exact is None else exact
-            rows.append((cache or "exact", dt, B * G / dt, sampler_flops(cfg, B, 64, G, steps, args.block_length, cache),
-                         (out == exact).float().mean().item()))
+            flops = sampler_flops(cfg, B, 64, G, steps, args.block_length, cache)
+            rows.append((cache or "exact", dt, B * G / dt, flops, (out == exact).float().mean().item()))
         model.train()
     print(f"sampler, batch {B}, 64 + {G} tokens, {steps} steps, block {args.block_length}, temperature 0:\n"
           f"| sampler | s | tokens/s | speed-up | model TFLOP | FLOP ratio | token agreement with exact |\n"

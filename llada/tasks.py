@@ -210,9 +210,9 @@ def countdown_reward(text, item):
 
 
 def countdown_prompt(item):
-    return (f"Using only the numbers [{', '.join(map(str, item['numbers']))}], create an arithmetic expression that evaluates to "
-            f"exactly {item['target']}. You may use +, -, *, / and parentheses, and each number exactly "
-            f"once. Think in <reasoning></reasoning>, then give only the expression inside "
+    return (f"Using only the numbers [{', '.join(map(str, item['numbers']))}], create an arithmetic expression "
+            f"that evaluates to exactly {item['target']}. You may use +, -, *, / and parentheses, and each number "
+            f"exactly once. Think in <reasoning></reasoning>, then give only the expression inside "
             f"<answer></answer>.")
 
 
@@ -357,7 +357,8 @@ def paper_sudoku_prompt(item):
         f"Question:\nSolve the following Sudoku puzzle: {p}\nAnswer:\n<reasoning>\nInterpret puzzle as 4 rows "
         f"of 4:\n{grid_rows(p)}\n\n{why}\nFinal grid:\n{grid_rows(s)}\n</reasoning>\n<answer>\n{s}\n</answer>"
         for (p, s), why in zip(SUDOKU_SHOTS, PAPER_SUDOKU_REASONING))
-    return f"{PAPER_SUDOKU_SYSTEM}\n\n{shots}\n\nQuestion: Solve the following Sudoku puzzle: {item['puzzle']}\nAnswer:\n"
+    question = f"Question: Solve the following Sudoku puzzle: {item['puzzle']}\nAnswer:\n"
+    return f"{PAPER_SUDOKU_SYSTEM}\n\n{shots}\n\n{question}"
 
 
 def paper_countdown_prompt(item):

@@ -192,7 +192,8 @@ def test_spg_countdown_scorer_reads_the_last_boxed_where_the_dtm_authors_read_th
                            ("<answer>3*5+7</answer>", 1.0, 0.0),               # no \boxed: SPG reads the whole text
                            ("<answer>3*5+7</answer> \\boxed{3*5+7", 1.0, 1.0),   # unclosed: the first <answer>
                            ("<answer>\\boxed{3*5+7}</answer>", 0.0, 1.0),      # DTM: braces refused ...
-                           ("<answer>\\boxed{3 \\times 5 + 7 = 22}</answer>", 1.0, 1.0)]:   # ... unless '= 22' cuts them
+                           ("<answer>\\boxed{3 \\times 5 + 7 = 22}</answer>", 1.0, 1.0)]:   # ... unless '= 22'
+                                                                                          # cuts them off
         assert tasks.paper_accuracy("countdown", text, item)[0] == dtm, text
         assert tasks.spg_accuracy("countdown", text, item)[0] == spg, text
 
