@@ -299,6 +299,7 @@ def run(args):
         # 2. the replay buffer (x1, r): M rollouts per prompt of p_a, the ones just measured
         # 3. a fresh optimiser per phase (the authors' code resets its state at each phase too)
         opt = make_optimizer(model, args)
+        ema = [p.detach().clone() for p in model.parameters()] if args.ema else None   # the released EMA
         model.train()
         losses = []
         bar = tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
@@ -337,8 +338,16 @@ def run(args):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, q in zip(ema, model.parameters()):
+                        e.lerp_(q, 1 - args.ema)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if ema is not None:                                            # the EMA is the next p_a
+            with torch.no_grad():
+                for e, q in zip(ema, model.parameters()):
+                    q.copy_(e)
         train_s = time.time() - t0
         # 6. measure p_{a+eta}: n rollouts per prompt (more at the end); the first M are the next buffer
         n = args.end_rollouts_per_prompt if k == len(a_grid) - 1 else M
@@ -563,6 +572,9 @@ def parse(argv=None):
                         "the tilt is unchanged")
     p.add_argument("--z", choices=["batch", "buffer"], default="batch",
                    help="Z = E_a[e^{eta r}] per prompt over the minibatch or over the whole replay buffer")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="the authors' released Countdown teacher: an EMA of the model (this decay, every step) "
+                        "becomes the model, and so the next teacher, at each phase end; 0: off")
     p.add_argument("--control", action="store_true",
                    help="a control run: the same schedule and steps with eta ~ 0 (1e-6) in the loss, "
                         "to see what training alone does to the model")
@@ -605,6 +617,8 @@ def parse(argv=None):
         problems.append(f"--batch must be a positive multiple of the 8 prompts (got {args.batch})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device}: CUDA is not available here")
+    if not 0 <= args.ema < 1:
+        problems.append(f"--ema must be in [0, 1) (got {args.ema})")
     if problems:
         p.error("; ".join(problems))
     return args
