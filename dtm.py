@@ -319,8 +319,8 @@ def run(args):
             if args.weighting == "released":                           # their code: mean over masked
                 tw = 1.0 / mask.sum(1).clamp_min(1).float()            # tokens, r clipped at 0, no Z
                 r = r.clamp_min(0)
-            else:                                                      # the paper's ELBO form (Prop. 3.4)
-                tw = hazard / L
+            else:                          # the paper's: the ELBO's hazard (Prop. 3.4), or --weighting count's 1/n
+                tw = hazard / L if args.weighting == "paper" else 1.0 / mask.sum(1).clamp_min(1).float()
                 r = r + args.r_offset                                  # >= 0: a bounded loss, same tilt
                 if args.z == "buffer":                                 # Z per prompt over the whole buffer
                     log_Z = group_log_mean_exp(eta_loss * (r_buf + args.r_offset).flatten(),
@@ -333,7 +333,7 @@ def run(args):
                 with torch.no_grad():
                     teacher_logits = teacher(x_t, mask)
             loss = dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta_loss, args.phi, group,
-                            normalise=args.weighting == "paper", log_Z=log_Z)
+                            normalise=args.weighting != "released", log_Z=log_Z)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -582,9 +582,10 @@ def parse(argv=None):
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
     p.add_argument("--sample_steps", type=int, default=None, help="sampler steps (default: one per token)")
-    p.add_argument("--weighting", choices=["paper", "released"], default="paper",
-                   help="paper: hazard/L time weight and per-prompt Z; released: mean over masked "
-                        "tokens, raw e^{eta r}, r clipped at 0 (the authors' code)")
+    p.add_argument("--weighting", choices=["paper", "count", "released"], default="paper",
+                   help="paper: hazard/L time weight and per-prompt Z; count: the paper's, with the released "
+                        "1/n time weight instead of the hazard; released: mean over masked tokens, raw "
+                        "e^{eta r}, r clipped at 0 (the authors' code)")
     p.add_argument("--base", default=DEFAULT_BASE,
                    help="base checkpoint (the committed one is pretrained first if it is missing)")
     p.add_argument("--pretrain_steps", type=int, default=2400, help="pretraining steps if the base is missing")
