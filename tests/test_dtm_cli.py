@@ -142,6 +142,21 @@ def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
 
 
+def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path):
+    """--weighting count (1/n time weight), --weighting released and --ema each give another model than the
+    default from the same seed; with --ema the model after a phase is the EMA of its iterates."""
+    final = {}
+    for name, extra in [("paper", []), ("count", ["--weighting", "count"]), ("released", ["--weighting", "released"]),
+                        ("ema", ["--ema", "0.5"])]:
+        out = str(tmp_path / name)
+        dtm.run(dtm.parse(TINY + ["--base", tiny_base, "--out", out, "--a_max", "0.1", *extra]))
+        final[name] = torch.cat([p.flatten() for p in load(os.path.join(out, "state.pt"))[0].parameters()])
+    for name in ("count", "released", "ema"):
+        assert not torch.equal(final[name], final["paper"]), name
+    base = torch.cat([p.flatten() for p in load(tiny_base)[0].parameters()])
+    assert (final["ema"] - base).norm() < (final["paper"] - base).norm()    # the EMA lags the iterates
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eta", "0"], "--eta must be > 0"),
     (["--eta", "-1"], "--eta must be > 0"),
