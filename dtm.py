@@ -316,11 +316,11 @@ def run(args):
             group = rows.flatten().to(args.device)
             x_t, mask, hazard = mask_completions(x1, gen)
             log_Z = None
-            if args.weighting == "released":                           # their code: mean over masked
-                tw = 1.0 / mask.sum(1).clamp_min(1).float()            # tokens, r clipped at 0, no Z
+            # time weight: the ELBO's hazard (Prop. 3.4), or the released code's 1/n over the masked tokens
+            tw = hazard / L if args.weighting == "paper" else 1.0 / mask.sum(1).clamp_min(1).float()
+            if args.weighting == "released":                           # their code: r clipped at 0, no Z
                 r = r.clamp_min(0)
-            else:                          # the paper's: the ELBO's hazard (Prop. 3.4), or --weighting count's 1/n
-                tw = hazard / L if args.weighting == "paper" else 1.0 / mask.sum(1).clamp_min(1).float()
+            else:
                 r = r + args.r_offset                                  # >= 0: a bounded loss, same tilt
                 if args.z == "buffer":                                 # Z per prompt over the whole buffer
                     log_Z = group_log_mean_exp(eta_loss * (r_buf + args.r_offset).flatten(),

@@ -120,6 +120,7 @@ class Trainer:
         if a.adapter:
             load_adapter(self.model, a.adapter)
         self.items = task_data(a)[0]
+        self.prompt_of, self.reward_of = (PROTOCOLS[a.protocol][k][a.task] for k in ("prompts", "rewards"))
         self.prompt_cache = {}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.gen = torch.Generator(self.device).manual_seed(a.seed + self.rank)
@@ -148,7 +149,7 @@ class Trainer:
                 comp = generate(self.model, ids, am, a.gen_length, a.gen_length // a.tokens_per_step,
                                 a.block_length, a.temperature, generator=self.gen, cache=a.rollout_cache)
             comps.append(comp)
-            rs += [PROTOCOLS[a.protocol]["rewards"][a.task](decode(self.tok, c, self.cfg), self.items[i])
+            rs += [self.reward_of(decode(self.tok, c, self.cfg), self.items[i])
                    for c, i in zip(comp.tolist(), chunk)]
         self.model.train()
         return dict(idx=torch.tensor(rows, device=self.device), comp=torch.cat(comps),
@@ -157,8 +158,7 @@ class Trainer:
     def prompt(self, i):
         """Token ids of training prompt i (chat template applied), tokenised once, when first drawn."""
         if i not in self.prompt_cache:
-            self.prompt_cache[i] = chat_prompt(self.tok, PROTOCOLS[self.args.protocol]["prompts"][self.args.task](
-                self.items[i]))
+            self.prompt_cache[i] = chat_prompt(self.tok, self.prompt_of(self.items[i]))
         return self.prompt_cache[i]
 
     def draw_prompts(self, n):

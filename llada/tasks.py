@@ -27,20 +27,22 @@ def last_tag(text, tag):
     return m[-1] if m else None
 
 
+def closing_brace(text, start):
+    """Index of the '}' that brings the brace depth, counted from text[start], back to 0; None if none."""
+    depth = 0
+    for k in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if text[k] == "}" and depth == 0:
+            return k
+    return None
+
+
 def last_boxed(text):
     """Content of the last \\boxed{...} (nested braces matched), or None."""
     i = text.rfind("\\boxed")
-    if i < 0:
-        return None
-    j = text.find("{", i)
-    if j < 0:
-        return None
-    depth = 0
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j + 1:k]
-    return None
+    j = text.find("{", i) if i >= 0 else -1
+    k = closing_brace(text, j) if j >= 0 else None
+    return None if k is None else text[j + 1:k]
 
 
 # ---- Sudoku 4x4
@@ -273,14 +275,16 @@ def number(s):
     return float(num) / float(den) if float(den) != 0 else None
 
 
-def format_terms(text):
-    """GSM8K's format rewards (d1/SPG): XML counts, soft and strict structure."""
+def format_terms(text, structure=True):
+    """GSM8K's format rewards (d1/SPG): XML counts, and (structure=True) soft and strict structure."""
     r = sum(0.125 for t in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
             if text.count(t) == 1)
     if text.count("\n</answer>") == 1:
         r -= 0.001 * len(text.split("\n</answer>")[-1].strip())             # trailing text
-    r += 0.5 * bool(re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", text, re.DOTALL))
-    r += 0.5 * bool(re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", text, re.DOTALL))
+    if structure:                                       # soft, then strict
+        r += 0.5 * bool(re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", text, re.DOTALL))
+        r += 0.5 * bool(re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", text,
+                                 re.DOTALL))
     return r
 
 
@@ -290,11 +294,12 @@ def gsm8k_answer(text):
     return boxed if boxed is not None else ans
 
 
-def gsm8k_reward(text, item):
-    """2.0 for the right number + 0.5 if the answer is an integer + format terms (max ~4)."""
+def gsm8k_reward(text, item, structure=True):
+    """2.0 for the right number + 0.5 if the answer is an integer + format terms (max ~4); structure=False
+    drops the soft and strict format terms, as the paper did."""
     ans = gsm8k_answer(text)
     gold = number(gsm8k_gold(item))
-    r = format_terms(text)
+    r = format_terms(text, structure)
     r += 0.5 * bool(ans is not None and re.fullmatch(r"-?\d+", ans.strip().replace(",", "")))
     v = number(ans)
     return r + 2.0 * (v is not None and gold is not None and abs(v - gold) < 1e-6)
@@ -374,6 +379,11 @@ def paper_math_prompt(item):           # SPG's; the paper's Fig. 8 text was not 
     return MATH_PROMPT.replace("\\boxed{}.\n", "\\boxed{}. \n").rstrip("\n") + "\n\n" + item["question"]
 
 
+def first_answer(text):
+    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return m.group(1).strip() if m else None
+
+
 def first_number(s, last=False):
     """SPG's number reading: the whole string as a float, else its first (or last) number."""
     try:
@@ -387,11 +397,12 @@ def paper_gsm8k_answer(text):
     """SPG: the first non-empty \\boxed{...} up to its first '}', else the first <answer>, else the text after
     the last <answer> (an unclosed one too), each as a number."""
     for b in re.findall(r"\\boxed{(.*?)}", text):
-        if b.strip() and not re.fullmatch(r"\.+", b.strip()) and first_number(b.strip()) is not None:
-            return first_number(b.strip())
-    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    if m and m.group(1).strip() and first_number(m.group(1).strip(), last=True) is not None:
-        return first_number(m.group(1).strip(), last=True)
+        b = b.strip()
+        if b and not re.fullmatch(r"\.+", b) and (v := first_number(b)) is not None:
+            return v
+    ans = first_answer(text)
+    if ans and (v := first_number(ans, last=True)) is not None:
+        return v
     rest = text.split("<answer>")[-1].split("</answer>")[0].strip()
     return first_number(rest, last=True) if rest else None
 
@@ -404,18 +415,11 @@ def spg_last_boxed(text):
     i = text.rfind("\\boxed") if "\\boxed" in text else text.rfind("\\fbox")
     if i < 0:
         return text
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if text[j] == "}" and depth == 0:
-            box = text[i:j + 1]
-            return box[7:-1] if box.startswith("\\boxed{") else box
-    return None
-
-
-def first_answer(text):
-    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    return m.group(1).strip() if m else None
+    j = closing_brace(text, i)
+    if j is None:
+        return None
+    box = text[i:j + 1]
+    return box[7:-1] if box.startswith("\\boxed{") else box
 
 
 def paper_math_answer(text):
@@ -480,9 +484,7 @@ def paper_accuracy(task, text, item):
 
 def paper_gsm8k_reward(text, item):
     """GSM8K's reward without the soft and strict format terms, which the paper removed."""
-    soft = re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", text, re.DOTALL)
-    strict = re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", text, re.DOTALL)
-    return gsm8k_reward(text, item) - 0.5 * bool(soft) - 0.5 * bool(strict)
+    return gsm8k_reward(text, item, structure=False)
 
 
 # ============================================================================ the protocols and data files
