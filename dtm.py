@@ -11,6 +11,7 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
                                              # (599 s on 2 cores), next to the exact tilt of the base
     python dtm.py --phi 1 --eta 0.1 --control --out runs/control   # the same with no tilt
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
+    python dtm.py --states path --lr 0.006   # train at the sampler's own states (exactly self-consistent)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
     python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1} + controls, equal compute
     python dtm.py --help
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from maze import env
-from maze.mdm import (PROMPT_LEN, CheckpointError, Config, Help, elbo_loss, evaluate, load, mask_completions,
-                      pretrain, save)
+from maze.mdm import (PROMPT_LEN, CheckpointError, Config, Help, elbo_loss, evaluate, load, mask_along_path,
+                      mask_completions, pretrain, save)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
 REFERENCE_SEED = 1234                 # the base's reference rollouts are a property of the base, not of a run
@@ -95,6 +96,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
         T(v) + phi (p_a(v | x_t, i) - post(v)) / E_a[e^{eta r} | x_t],
     T the tilted posterior of the sampling law and post its untilted posterior: phi = 1 keeps the
     teacher's offset p_a - post (README, "Why DTM realises only part of the tilt on the maze").
+    At the sampler's own states (--states path, `mask_along_path`) p_a is that posterior exactly.
     Notes. The distillation weight phi / Z is not invariant to adding c to r (Z scales by e^{eta c}),
     though the minimiser is. Where e^{eta r} < phi the NLL weight is negative: a token seen once with
     p_a(x1^i) < 1 - e^{eta r} / phi then has a negative target, and the loss is unbounded below in its
@@ -135,14 +137,16 @@ def with_prompts(prompts, comp):
 def rollouts(teacher, prompts, per_prompt, args, wall, gen, progress=False):
     """Teacher rollouts for every prompt, scored.
 
-    Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt) and valid (P, per_prompt).
+    Returns x1 (P, per_prompt, T) with the prompt in front, r (P, per_prompt), valid (P, per_prompt) and
+    the sampler step that revealed each completion position (P, per_prompt, L).
     """
     P = len(prompts)
-    _, comp, _, r = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
-                             args.sample_steps, generator=gen, progress=progress)   # grouped by prompt
+    _, comp, _, r, rank = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
+                                   args.sample_steps, generator=gen, progress=progress)   # grouped by prompt
     return (with_prompts(prompts, comp.reshape(P, per_prompt, -1)),
             torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt),
-            torch.as_tensor(r > env.INVALID_REWARD).view(P, per_prompt))
+            torch.as_tensor(r > env.INVALID_REWARD).view(P, per_prompt),
+            torch.as_tensor(rank).view(P, per_prompt, -1))
 
 
 # ----------------------------------------------------------------------------- the exact target
@@ -196,7 +200,7 @@ def base_reference(ckpt, wall, prompts, per_prompt, args):
         t0 = time.time()
         tqdm.write(f"drawing {per_prompt} rollouts per prompt of the base, once, for the exact tilt -> {path}")
         model = load(ckpt, args.device)[0]
-        x1, r, valid = rollouts(model, prompts, per_prompt, args, wall,
+        x1, r, valid, _ = rollouts(model, prompts, per_prompt, args, wall,
                                 torch.Generator(args.device).manual_seed(REFERENCE_SEED), progress=True)
         tmp = path + ".part.npz"
         np.savez_compressed(tmp, completions=x1[:, :, PROMPT_LEN:].numpy().astype(np.int16),
@@ -222,8 +226,8 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
 
-def rollouts_file(out, a):
-    return os.path.join(out, f"rollouts_a{a:.4g}.npy")
+def rollouts_file(out, a, what="rollouts"):
+    return os.path.join(out, f"{what}_a{a:.4g}.npy")
 
 
 def run(args):
@@ -244,11 +248,13 @@ def run(args):
     L = ref_x.shape[-1]
     a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
 
-    def row(a, x1, r, valid, extra):
+    def row(a, x1, r, valid, extra, rank=None):
         """A history row: the model's metrics at tilt a over its n rollouts per prompt, next to the
         exact tilt of the base at a and the realised fraction; diversity among the first M per prompt."""
         comp = x1[:, :, -L:]
         np.save(rollouts_file(args.out, a), comp.reshape(-1, L).astype(np.int16))
+        if rank is not None:                                           # the paths, for --resume
+            np.save(rollouts_file(args.out, a, "ranks"), rank.reshape(-1, L).astype(np.int16))
         now = tilted_means(r, valid, 0.0)
         exact = tilted_means(ref_r, ref_valid, a)
         distinct, cells = env.diversity(comp[:, :M].reshape(P * M, L), np.repeat(np.arange(P), M),
@@ -278,16 +284,21 @@ def run(args):
         x, ids, _ = load_rollouts(args.out, history[-1]["a"], wall, prompts)
         x1_all = with_prompts(prompts, x.reshape(P, -1, L))
         r_all = env.score(wall, x, np.asarray(prompts)[ids])[1].reshape(P, -1)
+        rank_all = torch.from_numpy(np.load(rollouts_file(args.out, history[-1]["a"], "ranks")).astype(np.int64)
+                                    ).view(P, -1, L) if args.states == "path" else None
         print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
     else:
         model = load(args.base, args.device)[0]
         history, start = [], 0
         # a = 0: the model is the base, measured by the reference; the buffer is M of its rollouts
         row(0.0, ref_x, ref_r, ref_valid, {})
-        x1_all, r_all = with_prompts(prompts, ref_x), ref_r
+        x1_all, r_all, rank_all = with_prompts(prompts, ref_x), ref_r, None
+        if args.states == "path":                                      # the reference keeps no paths
+            x1_all, r_all, _, rank_all = rollouts(model, prompts, M, args, wall, gen)
     pick_m = (torch.arange(P)[:, None], torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M]
                                                      for _ in range(P)]))     # M of them per prompt
     x1_buf, r_buf = x1_all[pick_m], torch.as_tensor(r_all, dtype=torch.float32)[pick_m]
+    rank_buf = rank_all[pick_m] if rank_all is not None else None
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
         eta_loss = 1e-6 if args.control else eta                       # --control: the same run, no tilt
@@ -308,16 +319,23 @@ def run(args):
             if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
                 n_new = max(1, round(args.refresh_fraction * M))
                 slots = torch.randperm(M, generator=pick)[:n_new]
-                x1_buf[:, slots], r_buf[:, slots], _ = rollouts(teacher, prompts, n_new, args, wall, gen)
+                x1_buf[:, slots], r_buf[:, slots], _, new_rank = rollouts(teacher, prompts, n_new, args, wall, gen)
+                if rank_buf is not None:
+                    rank_buf[:, slots] = new_rank
             # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
             j = torch.randint(M, (P, args.batch // P), generator=pick)
             rows = torch.arange(P)[:, None].expand_as(j)
             x1, r = x1_buf[rows, j].flatten(0, 1).to(args.device), r_buf[rows, j].flatten().to(args.device)
             group = rows.flatten().to(args.device)
-            x_t, mask, hazard = mask_completions(x1, gen)
             log_Z = None
-            # time weight: the ELBO's hazard (Prop. 3.4), or the released code's 1/n over the masked tokens
-            tw = hazard / L if args.weighting == "paper" else 1.0 / mask.sum(1).clamp_min(1).float()
+            if args.states == "path":                                  # the sampler's own states, and
+                rank = rank_buf[rows, j].flatten(0, 1).to(args.device)    # the tokens it drew from them
+                x_t, mask = mask_along_path(x1, rank, gen)
+                tw = (rank.max(1).values + 1).float() / L              # S steps: the path's NLL / L
+            else:
+                x_t, mask, hazard = mask_completions(x1, gen)
+                # time weight: the ELBO's hazard (Prop. 3.4), or the released code's 1/n over the masked tokens
+                tw = hazard / L if args.weighting == "paper" else 1.0 / mask.sum(1).clamp_min(1).float()
             if args.weighting == "released":                           # their code: r clipped at 0, no Z
                 r = r.clamp_min(0)
             else:
@@ -351,11 +369,13 @@ def run(args):
         train_s = time.time() - t0
         # 6. measure p_{a+eta}: n rollouts per prompt (more at the end); the first M are the next buffer
         n = args.end_rollouts_per_prompt if k == len(a_grid) - 1 else M
-        x1_all, r_all, valid = rollouts(model, prompts, max(n, M), args, wall, gen, progress=n > M)
+        x1_all, r_all, valid, rank_all = rollouts(model, prompts, max(n, M), args, wall, gen, progress=n > M)
         row(a, x1_all.numpy(), r_all.numpy(), valid.numpy(),
             dict(loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
-                 **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}))
+                 **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}),
+            rank_all.numpy() if args.states == "path" else None)
         x1_buf, r_buf = x1_all[:, :M].clone(), r_all[:, :M].clone()
+        rank_buf = rank_all[:, :M].clone() if args.states == "path" else None
         save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
@@ -582,6 +602,9 @@ def parse(argv=None):
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
     p.add_argument("--sample_steps", type=int, default=None, help="sampler steps (default: one per token)")
+    p.add_argument("--states", choices=["forward", "path"], default="forward",
+                   help="forward: x_t by masking x1 at random (the paper); path: the sampler's own states along "
+                        "each rollout, the loss at the tokens it revealed next (README: self-consistency)")
     p.add_argument("--weighting", choices=["paper", "count", "released"], default="paper",
                    help="paper: hazard/L time weight and per-prompt Z; count: the paper's, with the released "
                         "1/n time weight instead of the hazard; released: mean over masked tokens, raw "

@@ -142,6 +142,29 @@ def mask_completions(x1, generator=None):
     return x_t, mask, hazard
 
 
+def mask_along_path(x1, rank, generator=None):
+    """Re-enter the sampler's own path: x_t is the state of the rollout x1 (B, T) just before its
+    step k, k ~ U{0 .. S-1} per sequence (S = its number of sampler steps); `rank` (B, L) is the step
+    at which each completion position was revealed (sample(..., return_rank=True)).
+    Returns x_t (B, T) with every position of rank >= k masked, and `next` (B, T) bool, the
+    positions of rank k: those the sampler revealed from x_t, each drawn from p_theta(. | x_t, i).
+
+    Why: forward masking (`mask_completions`) pairs x1 with a uniformly random masked set, but a
+    model that is not self-consistent makes different sequences along different orders, so given x1
+    its order is not uniform, and p_theta(. | x_t, i) is not the posterior of its own sampling law
+    there. At the sampler's own states it is, exactly: the token revealed at i from x_t was drawn
+    from p_theta(. | x_t, i). Summing the per-step cross-entropies over k is the path's -log-likelihood.
+    """
+    B, T = x1.shape
+    steps = rank.max(1).values + 1                                        # (B,)
+    k = (torch.rand(B, generator=generator, device=x1.device) * steps).long()
+    full = torch.full_like(x1, -1)
+    full[:, PROMPT_LEN:] = rank
+    mask = full >= k[:, None]
+    x_t = torch.where(mask, torch.full_like(x1, env.MASK), x1)
+    return x_t, full == k[:, None]
+
+
 def elbo_loss(logits, x1, mask, hazard):
     """Eq. 5: E_t [ lambda(t) * sum_{i masked} -log p_theta(x1^i | x_t, i) ], per completion token.
 
@@ -155,7 +178,7 @@ def elbo_loss(logits, x1, mask, hazard):
 
 
 @torch.no_grad()
-def self_consistency_gap(model, x1, generator=None):
+def self_consistency_gap(model, x1, generator=None, rank=None):
     """How far the network's conditionals are from the posteriors of its own sampling law.
 
     x1 (B, T): rollouts of `model`. Mask them as in training; at each masked position compare the
@@ -164,8 +187,13 @@ def self_consistency_gap(model, x1, generator=None):
     x1 (a self-consistent model), x1^i | x_t would be distributed as p_theta(. | x_t, i) and the two
     means would agree. Returns the mean CE, the mean entropy and the gap CE - H per masked token,
     and the gap's standard error over sequences: 0 for a self-consistent model.
+    With `rank` (the rollouts' reveal steps), x_t are the sampler's own states instead and the tokens
+    those it revealed next (`mask_along_path`): there the gap is 0 in expectation for any model.
     """
-    x_t, mask, _ = mask_completions(x1, generator)
+    if rank is None:
+        x_t, mask, _ = mask_completions(x1, generator)
+    else:
+        x_t, mask = mask_along_path(x1, rank, generator)
     logp = F.log_softmax(model(x_t, mask).float(), -1)                  # (N, V)
     ce = -logp.gather(1, x1[mask][:, None])[:, 0]
     ent = -(logp.exp() * logp).sum(-1)
@@ -189,8 +217,9 @@ def draw(logits, temperature=1.0, generator=None):
 
 
 @torch.no_grad()
-def sample(model, prompts, steps=None, temperature=1.0, order="random", generator=None):
-    """Run the reverse process from a fully masked completion. prompts (B, 2) -> completions (B, L).
+def sample(model, prompts, steps=None, temperature=1.0, order="random", generator=None, return_rank=False):
+    """Run the reverse process from a fully masked completion. prompts (B, 2) -> completions (B, L),
+    and with return_rank also the step (B, L) at which each position was revealed (its path).
 
     Each of `steps` steps reveals an equal share of the L tokens (the remainder in the earliest
     steps, as LLaDA does); the token at a revealed position is drawn from softmax(logits / temperature)
@@ -210,8 +239,9 @@ def sample(model, prompts, steps=None, temperature=1.0, order="random", generato
     B = prompts.shape[0]
     x = torch.full((B, PROMPT_LEN + L), env.MASK, device=dev)
     x[:, 0], x[:, 1], x[:, 2] = prompts[:, 0], prompts[:, 1], env.SEP
+    rank = torch.full_like(x, -1)
     counts = [L // steps + (k < L % steps) for k in range(steps)]
-    for n in counts:
+    for k, n in enumerate(counts):
         if n == 0:
             continue
         masked = x == env.MASK
@@ -219,6 +249,7 @@ def sample(model, prompts, steps=None, temperature=1.0, order="random", generato
             score = torch.rand(x.shape, generator=generator, device=dev).masked_fill(~masked, -1.0)
             reveal = torch.zeros_like(masked).scatter_(1, score.topk(n, dim=1).indices, True)
             x[reveal] = draw(model(x, reveal), temperature, generator)   # logits (B*n, V), row-major
+            rank[reveal] = k
             continue
         logits = model(x, masked)                                      # (N, V) at masked positions
         x0 = draw(logits, temperature, generator)
@@ -228,23 +259,26 @@ def sample(model, prompts, steps=None, temperature=1.0, order="random", generato
         proposal = torch.full_like(x, env.MASK)
         proposal[masked] = x0
         x = torch.where(reveal, proposal, x)
-    return x[:, PROMPT_LEN:]
+        rank[reveal] = k
+    return (x[:, PROMPT_LEN:], rank[:, PROMPT_LEN:]) if return_rank else x[:, PROMPT_LEN:]
 
 
 def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", steps=None,
              batch=512, generator=None, progress=False):
     """Sample `per_prompt` rollouts for each prompt and score them.
 
-    Returns (metrics dict, completions (B, L), prompt index (B,), reward (B,)), grouped by prompt.
+    Returns (metrics dict, completions (B, L), prompt index (B,), reward (B,), reveal step (B, L)),
+    grouped by prompt.
     """
     ids = np.repeat(np.arange(len(prompts)), per_prompt)
     P = np.asarray(prompts)[ids]
-    xs = [sample(model, P[i:i + batch], steps, temperature, order, generator).cpu().numpy()
-          for i in tqdm(range(0, len(P), batch), desc="rollouts", leave=False,
-                        disable=None if progress else True)]
-    x = np.concatenate(xs)
+    out = [sample(model, P[i:i + batch], steps, temperature, order, generator, return_rank=True)
+           for i in tqdm(range(0, len(P), batch), desc="rollouts", leave=False,
+                         disable=None if progress else True)]
+    x = torch.cat([o[0] for o in out]).cpu().numpy()
+    rank = torch.cat([o[1] for o in out]).cpu().numpy()
     metrics, reward = rollout_metrics(wall, prompts, x, ids)
-    return metrics, x, ids, reward
+    return metrics, x, ids, reward, rank
 
 
 def rollout_metrics(wall, prompts, x, ids):
@@ -340,6 +374,8 @@ def main(argv=None):
                    help="where the base checkpoint is written (the committed one: --out maze/base.pt)")
     p.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (no pretraining)")
     p.add_argument("--paper", action="store_true", help="the 8.5M-parameter preset, near the paper's 8.9M (GPU)")
+    p.add_argument("--d_model", type=int, default=None, help="width (overrides the default 128 or --paper's)")
+    p.add_argument("--n_layer", type=int, default=None, help="depth (overrides the default 4 or --paper's)")
     p.add_argument("--batch", type=int, default=128, help="sequences per pretraining step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
     p.add_argument("--rollouts", type=int, default=512, help="evaluation rollouts (all prompts)")
@@ -357,7 +393,8 @@ def main(argv=None):
         except CheckpointError as e:
             sys.exit(f"error: {e}")
     else:
-        cfg = Config(**(PAPER if a.paper else {}))
+        cfg = Config(**{**(PAPER if a.paper else {}),
+                        **{k: v for k, v in (("d_model", a.d_model), ("n_layer", a.n_layer)) if v}})
         model, info = pretrain(cfg, a.steps, a.batch, a.lr, seed=a.seed, device=a.device, out=a.out)
         print(f"pretrained {n_params(model) / 1e6:.2f}M params: {info}; wrote {a.out}")
     wall = env.make_maze()

@@ -134,24 +134,25 @@ def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_b
     assert json.dumps(dtm.main(args + ["--resume"])) == json.dumps(results)    # NaN == NaN as text
 
 
-def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
+@pytest.mark.parametrize("states", ["forward", "path"])
+def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path, states):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
-    dtm.run(dtm.parse(TINY[:1] + ["0.3"] + TINY[2:] + ["--base", tiny_base, "--out", out, "--figures", figs]))
-    history = dtm.run(dtm.parse(TINY[:1] + ["0.4"] + TINY[2:] + ["--base", tiny_base, "--out", out,
-                                                                  "--figures", figs, "--resume"]))
+    more = ["--base", tiny_base, "--out", out, "--figures", figs, "--states", states]
+    dtm.run(dtm.parse(TINY[:1] + ["0.3"] + TINY[2:] + more))
+    history = dtm.run(dtm.parse(TINY[:1] + ["0.4"] + TINY[2:] + more + ["--resume"]))
     assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
 
 
 def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path):
-    """--weighting count (1/n time weight), --weighting released and --ema each give another model than the
-    default from the same seed; with --ema the model after a phase is the EMA of its iterates."""
+    """--weighting count (1/n time weight), --weighting released, --ema and --states path each give another
+    model than the default from the same seed; with --ema the model after a phase is the EMA of its iterates."""
     final = {}
     for name, extra in [("paper", []), ("count", ["--weighting", "count"]), ("released", ["--weighting", "released"]),
-                        ("ema", ["--ema", "0.5"])]:
+                        ("ema", ["--ema", "0.5"]), ("path", ["--states", "path"])]:
         out = str(tmp_path / name)
         dtm.run(dtm.parse(TINY + ["--base", tiny_base, "--out", out, "--a_max", "0.1", *extra]))
         final[name] = torch.cat([p.flatten() for p in load(os.path.join(out, "state.pt"))[0].parameters()])
-    for name in ("count", "released", "ema"):
+    for name in ("count", "released", "ema", "path"):
         assert not torch.equal(final[name], final["paper"]), name
     base = torch.cat([p.flatten() for p in load(tiny_base)[0].parameters()])
     assert (final["ema"] - base).norm() < (final["paper"] - base).norm()    # the EMA lags the iterates
