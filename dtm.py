@@ -330,8 +330,8 @@ def run(args):
             log_Z = None
             if args.states == "path":                                  # the sampler's own states, and
                 rank = rank_buf[rows, j].flatten(0, 1).to(args.device)    # the tokens it drew from them
-                x_t, mask = mask_along_path(x1, rank, gen)
-                tw = (rank.max(1).values + 1).float() / L              # S steps: the path's NLL / L
+                x_t, mask, S = mask_along_path(x1, rank, gen)
+                tw = S.float() / L                                     # S steps: the path's NLL / L
             else:
                 x_t, mask, hazard = mask_completions(x1, gen)
                 # time weight: the ELBO's hazard (Prop. 3.4), or the released code's 1/n over the masked tokens

@@ -146,14 +146,15 @@ def mask_along_path(x1, rank, generator=None):
     """Re-enter the sampler's own path: x_t is the state of the rollout x1 (B, T) just before its
     step k, k ~ U{0 .. S-1} per sequence (S = its number of sampler steps); `rank` (B, L) is the step
     at which each completion position was revealed (sample(..., return_rank=True)).
-    Returns x_t (B, T) with every position of rank >= k masked, and `next` (B, T) bool, the
-    positions of rank k: those the sampler revealed from x_t, each drawn from p_theta(. | x_t, i).
+    Returns x_t (B, T) with every position of rank >= k masked; `next` (B, T) bool, the positions
+    of rank k: those the sampler revealed from x_t, each drawn from p_theta(. | x_t, i); and S (B,).
 
     Why: forward masking (`mask_completions`) pairs x1 with a uniformly random masked set, but a
     model that is not self-consistent makes different sequences along different orders, so given x1
     its order is not uniform, and p_theta(. | x_t, i) is not the posterior of its own sampling law
     there. At the sampler's own states it is, exactly: the token revealed at i from x_t was drawn
-    from p_theta(. | x_t, i). Summing the per-step cross-entropies over k is the path's -log-likelihood.
+    from p_theta(. | x_t, i). Summing the per-step cross-entropies over k is the path's -log-likelihood,
+    so S times the cross-entropy at `next` is its unbiased estimate (the time weight S / L per token).
     """
     B, T = x1.shape
     steps = rank.max(1).values + 1                                        # (B,)
@@ -162,7 +163,7 @@ def mask_along_path(x1, rank, generator=None):
     full[:, PROMPT_LEN:] = rank
     mask = full >= k[:, None]
     x_t = torch.where(mask, torch.full_like(x1, env.MASK), x1)
-    return x_t, full == k[:, None]
+    return x_t, full == k[:, None], steps
 
 
 def elbo_loss(logits, x1, mask, hazard):
@@ -193,7 +194,7 @@ def self_consistency_gap(model, x1, generator=None, rank=None):
     if rank is None:
         x_t, mask, _ = mask_completions(x1, generator)
     else:
-        x_t, mask = mask_along_path(x1, rank, generator)
+        x_t, mask, _ = mask_along_path(x1, rank, generator)
     logp = F.log_softmax(model(x_t, mask).float(), -1)                  # (N, V)
     ce = -logp.gather(1, x1[mask][:, None])[:, 0]
     ent = -(logp.exp() * logp).sum(-1)

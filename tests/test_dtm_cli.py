@@ -204,29 +204,6 @@ def test_sampler_is_seeded_and_reveals_every_token(tiny_base):
         assert (a != env.MASK).all()                           # everything revealed after the last step
 
 
-class Spy(torch.nn.Module):
-    """Wraps the model and records how many positions are still masked at each sampler call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.cfg, self.masked = model, model.cfg, []
-
-    def forward(self, x, where):
-        self.masked.append((x == env.MASK).sum(1).tolist())
-        return self.model(x, where)
-
-
-@pytest.mark.parametrize("steps, counts", [(4, [8, 8, 8, 8]), (5, [7, 7, 6, 6, 6]), (32, [1] * 32)])
-def test_sampler_reveals_an_even_share_per_step_remainder_first(tiny_base, steps, counts):
-    model, _ = load(tiny_base)
-    model.cfg.gen_len = 32                                      # the tiny model was built for 64
-    spy = Spy(model)
-    prompts = torch.tensor(env.make_prompts(env.make_maze())[:3])
-    sample(spy, prompts, steps, 1.0, "random", torch.Generator().manual_seed(0))
-    left = [32 - sum(counts[:k]) for k in range(steps)]        # masked before each step
-    assert spy.masked == [[n] * 3 for n in left]
-
-
 @pytest.mark.slow
 def test_main_command_beats_a_same_seed_control_without_tilt(tmp_path):
     """`python dtm.py --phi 1 --eta 0.1` end to end, next to the same run with eta ~ 0 in the loss

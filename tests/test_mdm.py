@@ -63,6 +63,15 @@ class Recorder(torch.nn.Module):
         return self.model(x, where)
 
 
+@pytest.mark.parametrize("steps, counts", [(4, [8, 8, 8, 8]), (5, [7, 7, 6, 6, 6]), (32, [1] * 32)])
+def test_sampler_reveals_an_even_share_per_step_remainder_first(steps, counts):
+    spy = Recorder(MDM(Config(n_layer=1, n_head=2, d_model=32, gen_len=32)))
+    prompts = torch.tensor(env.make_prompts(env.make_maze())[:3])
+    sample(spy, prompts, steps, 1.0, "random", torch.Generator().manual_seed(0))
+    left = [32 - sum(counts[:k]) for k in range(steps)]        # masked before each step
+    assert [(x == env.MASK).sum(1).tolist() for x, _ in spy.calls] == [[n] * 3 for n in left]
+
+
 @pytest.mark.parametrize("steps", [16, 5])
 def test_mask_along_path_rebuilds_the_samplers_own_states(steps):
     """x_t and `next` from a rollout's reveal steps are exactly the state the sampler was in before
@@ -75,7 +84,8 @@ def test_mask_along_path_rebuilds_the_samplers_own_states(steps):
     x1 = torch.cat([prompts, torch.full((3, 1), env.SEP), x], 1)
     g, seen = torch.Generator().manual_seed(2), set()
     for _ in range(200):
-        x_t, nxt = mask_along_path(x1, rank, g)
+        x_t, nxt, S = mask_along_path(x1, rank, g)
+        assert (S == steps).all()
         for b in range(3):
             k = int(rank[b][nxt[b, PROMPT_LEN:]].unique())             # the step this state is before
             state, where = spy.calls[k]
