@@ -604,7 +604,8 @@ def parse(argv=None):
     p.add_argument("--sample_steps", type=int, default=None, help="sampler steps (default: one per token)")
     p.add_argument("--states", choices=["forward", "path"], default="forward",
                    help="forward: x_t by masking x1 at random (the paper); path: the sampler's own states along "
-                        "each rollout, the loss at the tokens it revealed next (README: self-consistency)")
+                        "each rollout, the loss at the tokens it revealed next, time weight S / L whatever --weighting "
+                        "says (README: self-consistency)")
     p.add_argument("--weighting", choices=["paper", "count", "released"], default="paper",
                    help="paper: hazard/L time weight and per-prompt Z; count: the paper's, with the released "
                         "1/n time weight instead of the hazard; released: mean over masked tokens, raw "
