@@ -8,12 +8,13 @@ cross-entropy whose unique minimiser is the posterior of p_{a+eta}, using only r
 frozen model p_a (the "teacher") and their rewards. The control variate phi cuts its variance.
 
     python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures in runs/dtm
-                                             # (599 s on 2 cores), next to the exact tilt of the base
+                                             # (417 s on 2 cores), next to the exact tilt of the base
     python dtm.py --phi 1 --eta 0.1 --control --out runs/control   # the same with no tilt
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
     python dtm.py --states path --lr 0.006   # train at the sampler's own states (exactly self-consistent)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
-    python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1} + controls, equal compute
+    python dtm.py --sweep                    # phi in {0, 1} x eta in {0.5, 0.25, 0.1} + controls, equal compute,
+                                             # and phi = 0 at the lr that matches its gradient to phi = 1's
     python dtm.py --help
 
 The exact target: 2,048 rollouts per prompt of the base, drawn once and cached beside it
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from maze import env
+from maze.figures import load_rollouts, plot_run, plot_sweep, rollouts_file
 from maze.mdm import (PROMPT_LEN, CheckpointError, Config, Help, elbo_loss, evaluate, load, mask_along_path,
                       mask_completions, pretrain, save)
 
@@ -226,8 +228,30 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
 
-def rollouts_file(out, a, what="rollouts"):
-    return os.path.join(out, f"{what}_a{a:.4g}.npy")
+def gradient_norm(model, x1, reward, args, phi, gen, batches=16):
+    """The size of the step SGD takes at the start of a phase: the mean norm, clipped at --clip as in
+    training, of the DTM gradient at the teacher (the model itself), over `batches` minibatches of
+    args.batch rows of x1 (P, n, T) with rewards (P, n), stratified by prompt and masked afresh.
+    phi = 1's gradient there is O(eta) (its target is the teacher plus the tilt); phi = 0's is the
+    gradient of the reward-weighted ELBO of one-hot samples, O(1) whatever eta. The ratio of the two
+    matches phi = 0's learning rate to phi = 1's (`sweep`)."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    P, n, T = x1.shape
+    norms = []
+    for _ in range(batches):
+        j = torch.randint(n, (P, args.batch // P), generator=gen, device=gen.device).cpu()
+        rows = torch.arange(P)[:, None].expand_as(j)
+        x, r = x1[rows, j].flatten(0, 1).to(args.device), reward[rows, j].flatten().to(args.device)
+        x_t, mask, hazard = mask_completions(x, gen)
+        teacher_logits = teacher(x_t, mask) if phi != 0 else None
+        loss = dtm_loss(model(x_t, mask), teacher_logits, x, mask, r + args.r_offset, hazard / (T - PROMPT_LEN),
+                        args.eta, phi, rows.flatten().to(args.device))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        norms.append(min(norm.item(), args.clip))
+    model.zero_grad(set_to_none=True)
+    return float(np.mean(norms))
 
 
 def run(args):
@@ -281,7 +305,7 @@ def run(args):
         history, start = ck["history"], len(ck["history"]) - 1
         gen.manual_seed(args.seed + start)
         pick.manual_seed(args.seed + start)
-        x, ids, _ = load_rollouts(args.out, history[-1]["a"], wall, prompts)
+        x, ids, _ = load_rollouts(rollouts_file(args.out, history[-1]["a"]), wall, prompts)
         x1_all = with_prompts(prompts, x.reshape(P, -1, L))
         r_all = env.score(wall, x, np.asarray(prompts)[ids])[1].reshape(P, -1)
         rank_all = torch.from_numpy(np.load(rollouts_file(args.out, history[-1]["a"], "ranks")).astype(np.int64)
@@ -379,83 +403,12 @@ def run(args):
         save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
-    plot(history, wall, prompts, args)
-    return history
-
-
-# ----------------------------------------------------------------------------- figures
-def load_rollouts(out, a, wall, prompts):
-    """The completions saved at tilt a: x (n, L), the prompt index of each, and their validity."""
-    x = np.load(rollouts_file(out, a)).astype(np.int64)
-    ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
-    return x, ids, env.score(wall, x, np.asarray(prompts)[ids])[0]
-
-
-def draw_rollouts(axes, out, a, wall, prompts, per_prompt, colour, legend=True):
-    """The first per_prompt rollouts at tilt a of the first prompts, one panel each (valid ones drawn)."""
-    x, ids, valid = load_rollouts(out, a, wall, prompts)
-    for p, ax in enumerate(axes):
-        sel = np.nonzero(ids == p)[0][:per_prompt]
-        env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=legend and p == 0,
-                          title=f"a={a:.1f}  prompt {p}: valid {valid[sel].sum()}/{len(sel)}")
-
-
-def plot(history, wall, prompts, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.animation import FuncAnimation, PillowWriter
     os.makedirs(args.figures, exist_ok=True)
-    tag = f"phi{args.phi:g}_eta{args.eta:g}"
-    with open(os.path.join(args.figures, f"metrics_{tag}.json"), "w") as f:
-        json.dump(history, f, indent=1)
-    show, M = min(4, len(prompts)), args.rollouts_per_prompt
-    fig, axes = plt.subplots(2, show, figsize=(3.3 * show, 7.6), squeeze=False)
-    draw_rollouts(axes[0], args.out, history[0]["a"], wall, prompts, M, "tab:gray")
-    draw_rollouts(axes[1], args.out, history[-1]["a"], wall, prompts, M, "tab:red")
-    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: {M} rollouts per prompt before (top) and after "
-                 "(bottom); valid ones drawn")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.figures, f"rollouts_{tag}.png"), dpi=90)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, show, figsize=(3.3 * show, 3.7), squeeze=False)
-
-    def frame(h):
-        for ax in axes[0]:
-            ax.clear()
-        draw_rollouts(axes[0], args.out, h["a"], wall, prompts, M, "tab:red")
-        fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g}: a = {h['a']:.1f}, validity {h['validity']:.2f} "
-                     f"(exact tilt {h['exact_validity']:.2f})")
-    FuncAnimation(fig, frame, frames=history).save(os.path.join(args.figures, f"rollouts_{tag}.gif"),
-                                                   writer=PillowWriter(fps=2), dpi=72)
-    plt.close(fig)
-    a = np.array([h["a"] for h in history])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    h0, h1 = history[0], history[-1]
-    for ax, key, label in zip(axes[:2], ("validity", "reward"), ("validity", "mean reward")):
-        for pre, name, colour in (("exact_", "exact tilt of the base", "k"), ("", "DTM", "tab:red")):
-            y = np.array([h[pre + key] for h in history])
-            se = np.array([h[pre + key + "_se"] for h in history])
-            ax.plot(a, y, "o-" if pre == "" else "--", color=colour, ms=3, label=name)
-            ax.fill_between(a, y - se, y + se, color=colour, alpha=0.15)
-        ax.errorbar([h1["a"]], [h1[key]], yerr=[h1[key + "_se"]], fmt="s", color="tab:red", ms=6,
-                    label=f"end ({h1['n']} rollouts)")
-        t = [h["a"] for h in history[1:]]
-        ax.plot(t, [h[f"teacher_target_{key}"] for h in history[1:]], "x", color="tab:blue", ms=5,
-                label="one-phase target of the teacher")
-        title = f"{label}: {h0[key]:.3f} -> {h1[key]:.3f} (exact {h1['exact_' + key]:.3f})"
-        if "realised_" + key in h1:
-            title += f"\nrealised {h1['realised_' + key]:.2f} ± {h1['realised_' + key + '_se']:.2f}"
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("tilt a")
-        ax.legend(fontsize=7)
-    axes[2].plot(a, [h["distinct_valid_per_prompt"] for h in history], "o-", color="tab:red", ms=3)
-    axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt", fontsize=9)
-    axes[2].set_xlabel("tilt a")
-    fig.suptitle(f"DTM phi={args.phi:g} eta={args.eta:g} (bands: ±1 standard error)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.figures, f"curves_{tag}.png"), dpi=90)
-    plt.close(fig)
+    with open(os.path.join(args.figures, f"metrics_phi{args.phi:g}_eta{args.eta:g}.json"), "w") as f:
+        json.dump(history, f, indent=1)                                # the copy the README cites
+    plot_run(history, args.out, wall, prompts, args.rollouts_per_prompt, f"DTM phi={args.phi:g} eta={args.eta:g}",
+             args.figures, f"phi{args.phi:g}_eta{args.eta:g}")
+    return history
 
 
 # ----------------------------------------------------------------------------- the phi x eta ablation
@@ -463,66 +416,70 @@ def sweep(args):
     """Paper Fig. 2/5: phi in {0, 1} x eta in --sweep_etas, at equal compute. Every run takes
     --sweep_steps optimiser steps in all, split evenly over its a_max / eta phases (so a smaller eta
     gets fewer steps per phase, as in the paper). Two control runs (--control: eta ~ 0 in the loss, on
-    the smallest eta's schedule), one per phi, show what the training does without a tilt. Each run
-    writes to OUT/phi*_eta*/ (--resume goes on there); the sweep writes OUT/sweep.json, OUT/sweep.md
-    (a table) and FIGURES/sweep.png. With --resume, the runs already in OUT/sweep.json are reused."""
+    the smallest eta's schedule), one per phi, show what the training does without a tilt. phi = 0's
+    gradient at the teacher is far larger than phi = 1's, so at one lr it also takes larger steps:
+    two more runs (with and without the tilt, the smallest eta) give phi = 0 the lr that makes its
+    first step as long as phi = 1's, lr * |g_1| / |g_0| (`gradient_norm`, at the base). Each run
+    writes to OUT/phi*_eta*[_lr*][_control]/ (--resume goes on there); the sweep writes OUT/sweep.json,
+    OUT/sweep.md (a table) and FIGURES/sweep.png. With --resume, the runs already in OUT/sweep.json
+    are reused."""
     results, runs, done = [], [], {}
     if args.resume and os.path.isfile(os.path.join(args.out, "sweep.json")):
         with open(os.path.join(args.out, "sweep.json")) as f:
-            done = {(r["phi"], r["eta"], r["steps_per_phase"], r["control"]): r for r in json.load(f)}
-    etas = args.sweep_etas
-    configs = [(phi, eta, False) for phi in (0.0, 1.0) for eta in etas] + [(phi, min(etas), True) for phi in (0.0, 1.0)]
-    for phi, eta, control in configs:
+            done = {(r["phi"], r["eta"], r["steps_per_phase"], r["control"], r.get("lr", args.lr)): r
+                    for r in json.load(f)}
+    etas, eta0 = args.sweep_etas, min(args.sweep_etas)
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    ref_x, ref_r, _ = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    base, gen = load(args.base, args.device)[0], torch.Generator(args.device).manual_seed(args.seed)
+    at_eta0 = argparse.Namespace(**{**vars(args), "eta": eta0})
+    g = {phi: gradient_norm(base, with_prompts(prompts, ref_x), torch.as_tensor(ref_r, dtype=torch.float32),
+                            at_eta0, phi, gen) for phi in (0.0, 1.0)}
+    lr0 = float(f"{args.lr * g[1.0] / g[0.0]:.2g}")
+    tqdm.write(f"sweep: gradient norm at the base, eta = {eta0:g}: phi = 0 {g[0.0]:.4f}, phi = 1 {g[1.0]:.4f} "
+               f"(clip {args.clip:g}); phi = 0's matched lr {lr0:g}")
+    configs = ([(phi, eta, False, args.lr) for phi in (0.0, 1.0) for eta in etas]
+               + [(phi, eta0, True, args.lr) for phi in (0.0, 1.0)] + [(0.0, eta0, c, lr0) for c in (False, True)])
+    for phi, eta, control, lr in configs:
         sub = copy.copy(args)
-        sub.phi, sub.eta, sub.control = phi, eta, control
+        sub.phi, sub.eta, sub.control, sub.lr = phi, eta, control, lr
         sub.steps_per_phase = max(1, round(args.sweep_steps * eta / args.a_max))
-        sub.out = sub.figures = os.path.join(args.out, f"phi{phi:g}_eta{eta:g}" + ("_control" if control else ""))
-        key = (phi, eta, sub.steps_per_phase, control)
+        name = f"phi{phi:g}_eta{eta:g}" + (f"_lr{lr:g}" if lr != args.lr else "") + ("_control" if control else "")
+        sub.out = sub.figures = os.path.join(args.out, name)
+        key = (phi, eta, sub.steps_per_phase, control, lr)
         if key in done:
-            results.append(done[key])
+            results.append({**done[key], "lr": lr})
             runs.append((sub, args.a_max))
             continue
         t0 = time.time()
         h1 = run(sub)[-1]
-        results.append(dict(phi=phi, eta=eta, control=control, steps_per_phase=sub.steps_per_phase,
+        results.append(dict(phi=phi, eta=eta, control=control, lr=lr, steps_per_phase=sub.steps_per_phase,
                             seconds=round(time.time() - t0), rollouts=h1["n"],
                             **{k: h1[k] for k in ("validity", "validity_se", "reward", "reward_se",
                                                   "realised_validity", "realised_reward",
                                                   "distinct_valid_per_prompt")}))
         runs.append((sub, h1["a"]))
-        tqdm.write(f"sweep: phi={phi:g} eta={eta:g}{' (control)' if control else ''} done in "
+        tqdm.write(f"sweep: phi={phi:g} eta={eta:g} lr={lr:g}{' (control)' if control else ''} done in "
                    f"{results[-1]['seconds']} s")
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = ["| phi | eta | steps/phase | validity | mean reward | realised (validity / reward) | "
-             "distinct valid / prompt | wall s |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['phi']:g} | {r['eta']:g}{' (control: no tilt)' if r['control'] else ''} | "
+    lines = ["| phi | eta | lr | steps/phase | validity | mean reward | realised (validity / reward) | "
+             "distinct valid / prompt | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['phi']:g} | {r['eta']:g}{' (control: no tilt)' if r['control'] else ''} | {r['lr']:g} | "
               f"{r['steps_per_phase']} | {r['validity']:.3f} ± {r['validity_se']:.3f} | "
               f"{r['reward']:.3f} ± {r['reward_se']:.3f} | {r['realised_validity']:.2f} / {r['realised_reward']:.2f} | "
               f"{r['distinct_valid_per_prompt']:.1f} | {r['seconds']} |" for r in results]
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    wall = env.make_maze()
-    prompts = env.make_prompts(wall)
-    M = args.rollouts_per_prompt
-    fig, axes = plt.subplots(2, len(etas) + 2, figsize=(3.4 * (len(etas) + 2), 8.4), squeeze=False)
-    draw_rollouts([axes[0, 0]], runs[0][0].out, 0.0, wall, prompts, M, "tab:gray")   # the base, a = 0
-    axes[0, 0].set_title("the base\n" + axes[0, 0].get_title(), fontsize=9)
-    axes[1, 0].axis("off")
-    for (sub, a), r in zip(runs, results):                           # final rollouts of the first prompt
-        ax = axes[int(r["phi"]), len(etas) + 1 if r["control"] else etas.index(r["eta"]) + 1]
-        draw_rollouts([ax], sub.out, a, wall, prompts, M, "tab:red", legend=False)
-        ax.set_title(f"phi={r['phi']:g} eta={r['eta']:g}{' control' if r['control'] else ''}\n"
-                     + ax.get_title(), fontsize=9)
-    fig.suptitle(f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run: {M} rollouts of prompt 0")
-    fig.tight_layout()
-    os.makedirs(args.figures, exist_ok=True)
-    fig.savefig(os.path.join(args.figures, "sweep.png"), dpi=90)
-    plt.close(fig)
+    # rows: phi = 0, phi = 1, phi = 0 at its matched lr; columns: the base, each eta, the control
+    cell = [(2 if r["lr"] != args.lr else int(r["phi"]), len(etas) + 1 if r["control"] else etas.index(r["eta"]) + 1)
+            for r in results]
+    panels = [(rollouts_file(sub.out, a), a, c, f"phi={r['phi']:g} eta={r['eta']:g} lr={r['lr']:g}"
+               + (" control" if r["control"] else "")) for (sub, a), r, c in zip(runs, results, cell)]
+    plot_sweep(panels, rollouts_file(runs[0][0].out, 0.0), wall, prompts, args.rollouts_per_prompt,
+               f"DTM at a={args.a_max:g}, {args.sweep_steps} steps per run", os.path.join(args.figures, "sweep.png"))
     return results
 
 
@@ -572,7 +529,7 @@ def parse(argv=None):
     p.add_argument("--phi", type=float, default=1.0, help="control-variate coefficient (eq. 17), in [0, 1]")
     p.add_argument("--eta", type=float, default=0.1, help="annealing step of the tilt a (eq. 8), > 0")
     p.add_argument("--a_max", type=float, default=1.0, help="final tilt a")
-    p.add_argument("--steps_per_phase", type=int, default=100, help="optimiser steps per phase")
+    p.add_argument("--steps_per_phase", type=int, default=50, help="optimiser steps per phase")
     p.add_argument("--batch", type=int, default=64, help="sequences per step (a multiple of the 8 prompts)")
     p.add_argument("--lr", type=float, default=0.02, help="learning rate (SGD, momentum 0.9)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
@@ -620,8 +577,8 @@ def parse(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt after its last phase")
     p.add_argument("--bench", action="store_true", help="only time a DTM step against an ELBO step")
     p.add_argument("--sweep", action="store_true",
-                   help="the phi x eta ablation (paper Fig. 2/5) at equal compute; --phi, --eta and "
-                        "--steps_per_phase are set per run")
+                   help="the phi x eta ablation (paper Fig. 2/5) at equal compute, with no-tilt controls and "
+                        "phi = 0 at its gradient-matched lr; --phi, --eta and --steps_per_phase are set per run")
     p.add_argument("--sweep_etas", type=float, nargs="+", default=[0.5, 0.25, 0.1], help="etas of --sweep")
     p.add_argument("--sweep_steps", type=int, default=300, help="optimiser steps per --sweep run, in all")
     p.add_argument("--seed", type=int, default=0, help="seeds the rollouts, the masking and the minibatches")

@@ -32,11 +32,12 @@ def resampled(comp, r, prompts, a, rng):
     return dtm.with_prompts(prompts, comp[np.arange(P)[:, None], idx]).flatten(0, 1)
 
 
-def main(steps, lr, names):
+def main(steps, lr, names, rollouts_per_prompt=128):
     ref = np.load(glob.glob(os.path.join(ROOT, "maze", "base_reference_*.npz"))[0])
     comp, r = ref["completions"].astype(np.int64), ref["reward"]
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
+    results = []
     for name in names:
         torch.manual_seed(0)
         rng = np.random.default_rng(0)
@@ -54,12 +55,15 @@ def main(steps, lr, names):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-        _, rr, valid = dtm.rollouts(model, prompts, 128, dtm.parse([]), wall, torch.Generator().manual_seed(1))
+        _, rr, valid, _ = dtm.rollouts(model, prompts, rollouts_per_prompt, dtm.parse([]), wall,
+                                       torch.Generator().manual_seed(1))
         m = dtm.tilted_means(rr.numpy(), valid.numpy(), 0.0)
         data_valid = env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0].mean()
         print(f"{name}: {steps} steps AdamW lr {lr}: data validity {data_valid:.3f}; model validity "
               f"{m['validity']:.3f}±{m['validity_se']:.3f} reward {m['reward']:.3f}±{m['reward_se']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
+        results.append(m)
+    return results
 
 
 if __name__ == "__main__":

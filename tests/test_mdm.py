@@ -112,3 +112,11 @@ def test_a_models_conditionals_are_its_own_posteriors_at_the_samplers_states_not
     path = self_consistency_gap(model, x1, torch.Generator().manual_seed(2), rank=rank)
     assert forward["gap"] > 20 * forward["gap_se"] and forward["gap"] > 1.0
     assert abs(path["gap"]) < 4 * path["gap_se"] and path["gap_se"] < 0.1
+
+
+def test_refit_script_still_fine_tunes_and_scores_the_base():
+    """tests/refit.py (the README's refit table) against the current API: one ELBO step on the base's
+    own resampled rollouts, then one rollout per prompt, scored (8 prompts, equal weights: ESS 8)."""
+    import refit
+    (m,) = refit.main(1, 1e-4, ["0"], rollouts_per_prompt=1)
+    assert m["ess"] == pytest.approx(8.0) and 0 <= m["validity"] <= 1 and -1 <= m["reward"] <= 1

@@ -1,0 +1,116 @@
+"""The figures of DTM runs on the maze, drawn from what a run saved (dtm.py writes, this file reads).
+
+A run writes its rollouts at every measured tilt a to OUT/rollouts_a{a}.npy (`rollouts_file`) and its
+history to OUT/metrics.json; from them:
+  - `plot_run`:   rollouts_*.png (the first rollouts of 4 prompts before and after), rollouts_*.gif
+                  (the same as a goes up) and curves_*.png (validity, reward and diversity against a,
+                  next to the exact tilt of the base, with ±1 standard-error bands);
+  - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `dtm.py --sweep`.
+"""
+import os
+
+import numpy as np
+
+from maze import env
+
+
+def rollouts_file(out, a, what="rollouts"):
+    """Where a run in `out` keeps its completions (what="rollouts") or reveal steps ("ranks") at tilt a."""
+    return os.path.join(out, f"{what}_a{a:.4g}.npy")
+
+
+def load_rollouts(path, wall, prompts):
+    """Completions saved by a run, grouped by prompt: x (n, L), the prompt index of each, their validity."""
+    x = np.load(path).astype(np.int64)
+    ids = np.repeat(np.arange(len(prompts)), len(x) // len(prompts))
+    return x, ids, env.score(wall, x, np.asarray(prompts)[ids])[0]
+
+
+def draw_rollouts(axes, path, a, wall, prompts, per_prompt, colour, legend=True):
+    """The first per_prompt rollouts in `path` (made at tilt a) of the first prompts, one panel each."""
+    x, ids, valid = load_rollouts(path, wall, prompts)
+    for p, ax in enumerate(axes):
+        sel = np.nonzero(ids == p)[0][:per_prompt]
+        env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=legend and p == 0,
+                          title=f"a={a:.1f}  prompt {p}: valid {valid[sel].sum()}/{len(sel)}")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")                                              # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
+    """The three figures of one run (its history rows and the rollouts in `out`) -> figures/*_{tag}.*"""
+    plt = pyplot()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    os.makedirs(figures, exist_ok=True)
+    show, M = min(4, len(prompts)), per_prompt
+    fig, axes = plt.subplots(2, show, figsize=(3.3 * show, 7.6), squeeze=False)
+    draw_rollouts(axes[0], rollouts_file(out, history[0]["a"]), history[0]["a"], wall, prompts, M, "tab:gray")
+    draw_rollouts(axes[1], rollouts_file(out, history[-1]["a"]), history[-1]["a"], wall, prompts, M, "tab:red")
+    fig.suptitle(f"{title}: {M} rollouts per prompt before (top) and after (bottom); valid ones drawn")
+    fig.tight_layout()
+    fig.savefig(os.path.join(figures, f"rollouts_{tag}.png"), dpi=90)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, show, figsize=(3.3 * show, 3.7), squeeze=False)
+
+    def frame(h):
+        for ax in axes[0]:
+            ax.clear()
+        draw_rollouts(axes[0], rollouts_file(out, h["a"]), h["a"], wall, prompts, M, "tab:red")
+        fig.suptitle(f"{title}: a = {h['a']:.1f}, validity {h['validity']:.2f} (exact tilt {h['exact_validity']:.2f})")
+    FuncAnimation(fig, frame, frames=history).save(os.path.join(figures, f"rollouts_{tag}.gif"),
+                                                   writer=PillowWriter(fps=2), dpi=72)
+    plt.close(fig)
+    a = np.array([h["a"] for h in history])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    h0, h1 = history[0], history[-1]
+    for ax, key, label in zip(axes[:2], ("validity", "reward"), ("validity", "mean reward")):
+        for pre, name, colour in (("exact_", "exact tilt of the base", "k"), ("", "DTM", "tab:red")):
+            y = np.array([h[pre + key] for h in history])
+            se = np.array([h[pre + key + "_se"] for h in history])
+            ax.plot(a, y, "o-" if pre == "" else "--", color=colour, ms=3, label=name)
+            ax.fill_between(a, y - se, y + se, color=colour, alpha=0.15)
+        ax.errorbar([h1["a"]], [h1[key]], yerr=[h1[key + "_se"]], fmt="s", color="tab:red", ms=6,
+                    label=f"end ({h1['n']} rollouts)")
+        t = [h["a"] for h in history[1:]]
+        ax.plot(t, [h[f"teacher_target_{key}"] for h in history[1:]], "x", color="tab:blue", ms=5,
+                label="one-phase target of the teacher")
+        head = f"{label}: {h0[key]:.3f} -> {h1[key]:.3f} (exact {h1['exact_' + key]:.3f})"
+        if "realised_" + key in h1:
+            head += f"\nrealised {h1['realised_' + key]:.2f} ± {h1['realised_' + key + '_se']:.2f}"
+        ax.set_title(head, fontsize=9)
+        ax.set_xlabel("tilt a")
+        ax.legend(fontsize=7)
+    axes[2].plot(a, [h["distinct_valid_per_prompt"] for h in history], "o-", color="tab:red", ms=3)
+    axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt", fontsize=9)
+    axes[2].set_xlabel("tilt a")
+    fig.suptitle(f"{title} (bands: ±1 standard error)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(figures, f"curves_{tag}.png"), dpi=90)
+    plt.close(fig)
+
+
+def plot_sweep(panels, base_path, wall, prompts, per_prompt, title, png):
+    """A grid of prompt 0's rollouts: the base's (in base_path) top left, then one panel per run,
+    panels = [(path of its last rollouts, their tilt a, (row, column), label)]; empty cells blank."""
+    plt = pyplot()
+    rows, cols = max(i for _, _, (i, _), _ in panels) + 1, max(j for _, _, (_, j), _ in panels) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.2 * rows), squeeze=False)
+    used = {(0, 0)} | {cell for _, _, cell, _ in panels}
+    for (i, j), ax in np.ndenumerate(axes):
+        if (i, j) not in used:
+            ax.axis("off")
+    draw_rollouts([axes[0, 0]], base_path, 0.0, wall, prompts, per_prompt, "tab:gray")
+    axes[0, 0].set_title("the base\n" + axes[0, 0].get_title(), fontsize=9)
+    for path, a, (i, j), label in panels:
+        draw_rollouts([axes[i, j]], path, a, wall, prompts, per_prompt, "tab:red", legend=False)
+        axes[i, j].set_title(f"{label}\n{axes[i, j].get_title()}", fontsize=9)
+    fig.suptitle(f"{title}: {per_prompt} rollouts of prompt 0")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
