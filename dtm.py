@@ -340,6 +340,9 @@ def run(args):
         bar = tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
                    leave=False, disable=None)
         for step in bar:
+            if args.lr_decay == "cosine":                              # anneal to 0 by the phase's end
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps_per_phase))
             if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
                 n_new = max(1, round(args.refresh_fraction * M))
                 slots = torch.randperm(M, generator=pick)[:n_new]
@@ -534,6 +537,9 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=0.02, help="learning rate (SGD, momentum 0.9)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                    help="sgd: steps scale with the O(eta) gradient; adamw normalises them away (see README)")
+    p.add_argument("--lr_decay", choices=["none", "cosine"], default="none",
+                   help="cosine: the lr falls from --lr to 0 over each phase (the parameter noise of the last "
+                        "steps shrinks with it)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--rollouts_per_prompt", type=int, default=16,
                    help="replay buffer size per prompt; also the rollouts measured after each phase")

@@ -5,11 +5,14 @@ valid mass whenever it fits a law").
   a = 0:    the base's reference rollouts (dtm.py: base_reference) resampled with weights e^{0 r}:
             its own law, so a model that could hold its law would not move;
   a = 0.5:  the same resampled with e^{0.5 r}: the exact tilt p_0 e^{0.5 r} / Z, the target of DTM;
-  paths:    fresh training paths (all valid), as in pretraining.
+  paths:    fresh training paths (all valid), as in pretraining;
+  valid1.0: the a = 1.0 resample with its invalid rollouts dropped (any a after "valid").
 
     python tests/refit.py 400 1e-4 0 0.5 paths      # steps, AdamW lr, then the data sets (~4 min each)
+    python tests/refit.py 1000 5e-4 --cosine 1.0    # lr decayed to 0 by a cosine, as in pretraining
 """
 import glob
+import math
 import os
 import sys
 import time
@@ -32,7 +35,7 @@ def resampled(comp, r, prompts, a, rng):
     return dtm.with_prompts(prompts, comp[np.arange(P)[:, None], idx]).flatten(0, 1)
 
 
-def main(steps, lr, names, rollouts_per_prompt=128):
+def main(steps, lr, names, rollouts_per_prompt=128, cosine=False):
     ref = np.load(glob.glob(os.path.join(ROOT, "maze", "base_reference_*.npz"))[0])
     comp, r = ref["completions"].astype(np.int64), ref["reward"]
     wall = env.make_maze()
@@ -42,12 +45,16 @@ def main(steps, lr, names, rollouts_per_prompt=128):
         torch.manual_seed(0)
         rng = np.random.default_rng(0)
         data = (training_set(wall, prompts, 1000, comp.shape[-1], seed=7) if name == "paths"
-                else resampled(comp, r, prompts, float(name), rng))
+                else resampled(comp, r, prompts, float(name.removeprefix("valid")), rng))
+        if name.startswith("valid"):                                    # its valid rollouts alone
+            data = data[env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0]]
         model, _ = load(os.path.join(ROOT, "maze", "base.pt"))
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         t0 = time.time()
         model.train()
-        for _ in range(steps):
+        for step in range(steps):
+            if cosine:
+                opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             x1 = data[torch.randint(len(data), (128,))]
             x_t, mask, hazard = mask_completions(x1)
             loss = elbo_loss(model(x_t, mask), x1, mask, hazard)
@@ -59,7 +66,7 @@ def main(steps, lr, names, rollouts_per_prompt=128):
                                        torch.Generator().manual_seed(1))
         m = dtm.tilted_means(rr.numpy(), valid.numpy(), 0.0)
         data_valid = env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0].mean()
-        print(f"{name}: {steps} steps AdamW lr {lr}: data validity {data_valid:.3f}; model validity "
+        print(f"{name}: {steps} steps AdamW lr {lr}{' cosine' if cosine else ''}: data validity {data_valid:.3f}; model validity "
               f"{m['validity']:.3f}±{m['validity_se']:.3f} reward {m['reward']:.3f}±{m['reward_se']:.3f} "
               f"({time.time() - t0:.0f} s)", flush=True)
         results.append(m)
@@ -67,4 +74,5 @@ def main(steps, lr, names, rollouts_per_prompt=128):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:])
+    rest = sys.argv[3:]
+    main(int(sys.argv[1]), float(sys.argv[2]), [n for n in rest if n != "--cosine"], cosine="--cosine" in rest)

@@ -183,6 +183,18 @@ def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path)
     assert (final["ema"] - base).norm() < (final["paper"] - base).norm()    # the EMA lags the iterates
 
 
+def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path, monkeypatch):
+    """--lr_decay cosine: step k of n takes lr (1 + cos(pi k / n)) / 2, afresh in every phase."""
+    seen, sgd_step = [], torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    dtm.run(dtm.parse(TINY + ["--base", tiny_base, "--out", str(tmp_path / "run"), "--lr_decay", "cosine"]))
+    assert seen == pytest.approx([0.02, 0.015, 0.005] * 2)          # 3 steps per phase, 2 phases
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eta", "0"], "--eta must be > 0"),
     (["--eta", "-1"], "--eta must be > 0"),
