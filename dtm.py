@@ -243,7 +243,8 @@ def gradient_norm(model, x1, reward, args, phi, gen, batches=16):
         rows = torch.arange(P)[:, None].expand_as(j)
         x, r = x1[rows, j].flatten(0, 1).to(args.device), reward[rows, j].flatten().to(args.device)
         x_t, mask, hazard = mask_completions(x, gen)
-        teacher_logits = teacher(x_t, mask) if phi != 0 else None
+        with torch.no_grad():
+            teacher_logits = teacher(x_t, mask) if phi != 0 else None
         loss = dtm_loss(model(x_t, mask), teacher_logits, x, mask, r + args.r_offset, hazard / (T - PROMPT_LEN),
                         args.eta, phi, rows.flatten().to(args.device))
         model.zero_grad(set_to_none=True)
