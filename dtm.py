@@ -136,6 +136,14 @@ def with_prompts(prompts, comp):
     return torch.cat([pr, torch.full((P, n, 1), env.SEP), comp], 2)
 
 
+def stratified(P, n, batch, generator):
+    """A minibatch stratified by prompt: indices (rows, j), each (P, batch // P), of batch // P draws
+    (with replacement) from the n buffer entries of every one of the P prompts; index a (P, n, ...)
+    buffer with [rows, j]. Drawn on the generator's device, returned on the CPU."""
+    j = torch.randint(n, (P, batch // P), generator=generator, device=generator.device).cpu()
+    return torch.arange(P)[:, None].expand_as(j), j
+
+
 def rollouts(teacher, prompts, per_prompt, args, wall, gen, progress=False):
     """Teacher rollouts for every prompt, scored.
 
@@ -239,8 +247,7 @@ def gradient_norm(model, x1, reward, args, phi, gen, batches=16):
     P, n, T = x1.shape
     norms = []
     for _ in range(batches):
-        j = torch.randint(n, (P, args.batch // P), generator=gen, device=gen.device).cpu()
-        rows = torch.arange(P)[:, None].expand_as(j)
+        rows, j = stratified(P, n, args.batch, gen)
         x, r = x1[rows, j].flatten(0, 1).to(args.device), reward[rows, j].flatten().to(args.device)
         x_t, mask, hazard = mask_completions(x, gen)
         with torch.no_grad():
@@ -351,8 +358,7 @@ def run(args):
                 if rank_buf is not None:
                     rank_buf[:, slots] = new_rank
             # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
-            j = torch.randint(M, (P, args.batch // P), generator=pick)
-            rows = torch.arange(P)[:, None].expand_as(j)
+            rows, j = stratified(P, M, args.batch, pick)
             x1, r = x1_buf[rows, j].flatten(0, 1).to(args.device), r_buf[rows, j].flatten().to(args.device)
             group = rows.flatten().to(args.device)
             log_Z = None
