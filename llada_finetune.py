@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from dtm import dtm_loss, group_log_mean_exp
-from llada.bench import SHAPES, bench
+from llada.bench import SHAPES, auto_rollout_batch, bench
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
@@ -128,6 +128,7 @@ class Trainer:
         n = int(math.ceil(a.a_max / a.eta - 1e-9))
         self.a_grid = [min(k * a.eta, a.a_max) for k in range(n + 1)]
         self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
+        self.rollout_batch = None if a.rollout_batch == "auto" else a.rollout_batch
         self.path = os.path.join(a.out, f"state_rank{self.rank}.pt")
         self.stop = False
 
@@ -142,8 +143,14 @@ class Trainer:
         rows = [i for i in prompt_ids for _ in range(C)]
         comps, rs = [], []
         self.model.eval()
-        for j in range(0, len(rows), a.rollout_batch):
-            chunk = rows[j:j + a.rollout_batch]
+        if self.rollout_batch is None:                                 # --rollout_batch auto, measured once
+            T = max(len(self.prompt(i)) for i in prompt_ids) + a.gen_length
+            with teacher_mode(self.model), self.autocast():
+                self.rollout_batch, table = auto_rollout_batch(self.model, T, a.block_length, a.temperature)
+            print("rollout batch auto: " + ", ".join(f"{b}: {b * a.tokens_per_step / s:.0f} tokens/s"
+                                                     for b, s, _ in table) + f" -> {self.rollout_batch}")
+        for j in range(0, len(rows), self.rollout_batch):
+            chunk = rows[j:j + self.rollout_batch]
             ids, am = left_pad([self.prompt(i) for i in chunk], self.cfg.eos_token_id, self.device)
             with teacher_mode(self.model), self.autocast():
                 comp = generate(self.model, ids, am, a.gen_length, a.gen_length // a.tokens_per_step,
@@ -393,6 +400,15 @@ def run_eval(args):
 
 
 # ============================================================================ the command line
+def batch_or_auto(text):
+    """--rollout_batch: a positive integer, or auto."""
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"a positive integer or auto (got {text!r})")
+
+
 def parse(argv=None):
     presets = "\n".join(f"  {name} {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items())
                         for name, table in (("paper   ", PRESETS), ("released", RELEASED)) for t, d in table.items())
@@ -456,7 +472,9 @@ def parse(argv=None):
     s.add_argument("--gen_length", type=int, default=256, help="completion tokens of a rollout")
     s.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block")
     s.add_argument("--tokens_per_step", type=int, default=2, help="rollout steps = gen_length / this")
-    s.add_argument("--rollout_batch", type=int, default=16, help="sequences per sampling batch")
+    s.add_argument("--rollout_batch", type=batch_or_auto, default=16,
+                   help="sequences per sampling batch; auto: measured at the first rollouts, the smallest "
+                        "batch within 5%% of the best tokens/s that fits in 75%% of free memory")
     s.add_argument("--rollout_cache", choices=["prefix", "dual"],
                    help="Fast-dLLM's block KV cache for rollouts: faster, approximate (README); default: exact")
     s.add_argument("--lora_r", type=int, default=128, help="LoRA rank (App. D.2: 128)")

@@ -12,7 +12,7 @@ import time
 import torch
 
 from llada.lora import snapshot_teacher, teacher_mode
-from llada.model import generate
+from llada.model import generate, propose
 
 SHAPES = dict(                                   # --bench_shape: random models built in memory
     **{"8b": {}},                               # LLaDA-8B (LLaDAConfig's defaults): 16 GB in bf16
@@ -47,8 +47,9 @@ def timed(fn, warmup=2, repeat=5, sync=lambda: None):
 def bench(args, t):
     """Warm timings of a sampling step and a training step at a few batch sizes: tokens/s, sequences/s,
     model TFLOP/s (and the share of the device's peak), peak memory. A sampling step is one network call
-    over the whole sequence (64 prompt + gen_length tokens) with logits on one block, which the exact
-    sampler makes gen_length / tokens_per_step times; a training step is teacher + student forward,
+    over the whole sequence (64 prompt + gen_length tokens) with float64 logits on one block and the
+    proposal there at --temperature (`sampling_step`), which the exact sampler makes
+    gen_length / tokens_per_step times; a training step is teacher + student forward,
     backward and AdamW on `batch` sequences, with the Trainer `t` (llada_finetune.py) on a random buffer."""
     dev = torch.device(args.device)
     cuda, dtype = dev.type == "cuda", torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -81,9 +82,9 @@ def bench(args, t):
         x[where] = cfg.mask_token_id
 
         def sample_step():
-            with torch.no_grad(), teacher_mode(t.model), t.autocast():
+            with teacher_mode(t.model), t.autocast():
                 t.model.eval()
-                t.model(x, None, where).double().softmax(-1).max(-1)
+                sampling_step(t.model, x, where, args.temperature)
             t.model.train()
         peak_gib(reset=True)
         base = peak_gib()
@@ -151,3 +152,59 @@ def bench_sampler(model, args, B, sync):
         print(f"| {name} | {dt:.2f} | {tps:.1f} | {rows[0][1] / dt:.2f}x | {fl / 1e12:.3g} | "
               f"{rows[0][3] / fl:.2f}x | {100 * agree:.1f}% |")
     return rows
+
+
+@torch.no_grad()
+def sampling_step(model, x, where, temperature=0.0, generator=None):
+    """The work of one exact `generate` step: a full network call with float64 logits at the masked
+    positions `where` that may be revealed, and the proposal (token and confidence) there."""
+    return propose(model(x, None, where).double(), temperature, generator=generator)
+
+
+def pick_rollout_batch(measure, cap=128, budget=None, tolerance=0.05):
+    """--rollout_batch auto: where tokens/s stops rising, within memory.
+
+    measure(B) -> (seconds of one sampling step at batch B, peak bytes or None). Batches 1, 2, 4, ... up
+    to `cap` are measured while the next one's peak, extrapolated linearly from the last two, stays
+    under `budget` bytes (None: no limit; an out-of-memory error also ends the search). Returns the
+    smallest measured batch whose sequences/s is within `tolerance` of the best, and the table
+    [(B, seconds, peak)]."""
+    table, B = [], 1
+    while B <= cap:
+        try:
+            seconds, peak = measure(B)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        table.append((B, seconds, peak))
+        if budget is not None and peak is not None:
+            B0, _, peak0 = table[-2] if len(table) > 1 else (0, 0, 0)
+            if peak + (peak - peak0) / (B - B0) * B > budget:           # the next batch, 2B, would not fit
+                break
+        B *= 2
+    if not table:
+        raise RuntimeError("--rollout_batch auto: not even one sequence fits in memory")
+    best = max(b / s for b, s, _ in table)
+    return next(b for b, s, _ in table if b / s >= (1 - tolerance) * best), table
+
+
+def auto_rollout_batch(model, seq_len, block_length, temperature, cap=128, headroom=0.25):
+    """Measure `pick_rollout_batch` on the model's device: warm sampling steps on random sequences of
+    seq_len tokens with the last block masked. On CUDA the budget is the free and the reserved memory
+    less `headroom` of it (kept for the optimiser state and the training activations, which come
+    later); on the CPU memory is not limited. Call it in the sampler's context (no grad, autocast)."""
+    dev, cfg = next(model.parameters()).device, model.cfg
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    budget = (1 - headroom) * (torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev)) if cuda else None
+
+    def measure(B):
+        x = torch.randint(6, cfg.embedding_size, (B, seq_len), device=dev)
+        where = torch.zeros_like(x, dtype=torch.bool)
+        where[:, -block_length:] = True
+        x[where] = cfg.mask_token_id
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds = timed(lambda: sampling_step(model, x, where, temperature), warmup=1, repeat=3, sync=sync)
+        return seconds, torch.cuda.max_memory_allocated(dev) if cuda else None
+    return pick_rollout_batch(measure, cap, budget)

@@ -334,6 +334,22 @@ def num_transfer_tokens(masked, steps):
     return n // steps + (torch.arange(steps, device=masked.device) < n % steps).long()
 
 
+def propose(logits, temperature=0.0, remasking="low_confidence", generator=None):
+    """One sampler step's proposal at N masked positions from their float64 logits (N, V): the token x0
+    (Gumbel-max at the temperature: argmax exp(l) / (-log u)^T; plain argmax at 0) and its confidence
+    (softmax prob of x0, or uniform noise for remasking="random")."""
+    if temperature > 0:
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+        x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    if remasking == "low_confidence":
+        c = F.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
+    else:
+        c = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=logits.device)
+    return x0, c
+
+
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, block_length=32,
              temperature=0.0, remasking="low_confidence", generator=None, cache=None, refresh=None):
@@ -381,15 +397,7 @@ def generate(model, prompt, attention_mask=None, gen_length=256, steps=128, bloc
                 where = (x == mask_id) & (col >= lo) & (col < hi)
                 span = (lo, hi) if cache == "dual" else (lo, x.shape[1])
                 logits = model(x, am, where, kv, span).double()
-            if temperature > 0:                         # Gumbel-max: exp(l) / (-log u)^T, float64
-                u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=x.device)
-                x0 = (logits.exp() / (-torch.log(u)) ** temperature).argmax(-1)
-            else:
-                x0 = logits.argmax(-1)
-            if remasking == "low_confidence":
-                c = F.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
-            else:
-                c = torch.rand(x0.shape, generator=generator, dtype=torch.float64, device=x.device)
+            x0, c = propose(logits, temperature, remasking, generator)
             conf = torch.full(x.shape, -math.inf, dtype=torch.float64, device=x.device).masked_scatter(where, c)
             rank = torch.argsort(conf, dim=-1, descending=True, stable=True).argsort(-1)     # 0 = most confident
             reveal = where & (rank < k_per_step[:, s:s + 1])

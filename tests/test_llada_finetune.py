@@ -136,7 +136,8 @@ def test_released_preset_fills_what_is_not_given_and_ema_becomes_student_and_tea
 
 @pytest.mark.parametrize("flags, message", [(["--eta", "0"], "--eta must be > 0"),
                                             (["--eta", "-1"], "--eta must be > 0"),
-                                            (["--phi", "2"], "--phi must be in [0, 1]")])
+                                            (["--phi", "2"], "--phi must be in [0, 1]"),
+                                            (["--rollout_batch", "0"], "a positive integer or auto")])
 def test_bad_flags_give_a_one_line_error(tiny, flags, message):
     r = run_cli("--model_dir", tiny[0], "--task", "sudoku", *flags)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
