@@ -99,11 +99,13 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     T the tilted posterior of the sampling law and post its untilted posterior: phi = 1 keeps the
     teacher's offset p_a - post (README, "Why DTM realises only part of the tilt on the maze").
     At the sampler's own states (--states path, `mask_along_path`) p_a is that posterior exactly.
-    Notes. The distillation weight phi / Z is not invariant to adding c to r (Z scales by e^{eta c}),
-    though the minimiser is. Where e^{eta r} < phi the NLL weight is negative: a token seen once with
-    p_a(x1^i) < 1 - e^{eta r} / phi then has a negative target, and the loss is unbounded below in its
-    logit (tests/test_dtm_loss.py). Feed r + c >= 0 for a constant c (dtm.py adds --r_offset = 1,
-    as r >= -1); the released code clips r at 0 instead, which changes the reward.
+    Notes. Adding c to r leaves the minimiser alone only where p_a = post: the offset above becomes
+    phi (p_a - post) / E_a[e^{eta (r + c)} | x_t], so phi acts as phi e^{-eta c}, and a larger c fits
+    more of the teacher's own samples (tests/test_exact_tilt.py; README, "the reward offset"). Where
+    e^{eta r} < phi the NLL weight is negative: a token seen once with p_a(x1^i) < 1 - e^{eta r} / phi
+    then has a negative target, and the loss is unbounded below in its logit (tests/test_dtm_loss.py).
+    dtm.py feeds r + c >= 0 (--r_offset c = -invalid_reward, as r >= invalid_reward); the released
+    code clips r at 0 instead, which changes the reward.
     """
     B = x1.shape[0]
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
@@ -153,10 +155,17 @@ def rollouts(teacher, prompts, per_prompt, args, wall, gen, progress=False):
     P = len(prompts)
     _, comp, _, r, rank = evaluate(teacher.eval(), wall, prompts, per_prompt, args.temperature, args.order,
                                    args.sample_steps, generator=gen, progress=progress)   # grouped by prompt
+    valid = r > env.INVALID_REWARD
     return (with_prompts(prompts, comp.reshape(P, per_prompt, -1)),
-            torch.as_tensor(r, dtype=torch.float32).view(P, per_prompt),
-            torch.as_tensor(r > env.INVALID_REWARD).view(P, per_prompt),
+            torch.as_tensor(penalised(r, valid, args), dtype=torch.float32).view(P, per_prompt),
+            torch.as_tensor(valid).view(P, per_prompt),
             torch.as_tensor(rank).view(P, per_prompt, -1))
+
+
+def penalised(reward, valid, args):
+    """The maze reward with --invalid_reward, not env's -1, for an invalid completion. A harsher penalty
+    is a different reward, so a different tilt: p_0 e^{a r} / Z puts less mass on invalid paths."""
+    return np.where(valid, reward, args.invalid_reward)
 
 
 # ----------------------------------------------------------------------------- the exact target
@@ -219,10 +228,11 @@ def base_reference(ckpt, wall, prompts, per_prompt, args):
         tqdm.write(f"  {len(prompts) * per_prompt} rollouts in {time.time() - t0:.0f} s")
     try:
         z = np.load(path)
-        return z["completions"].astype(np.int64), z["reward"], z["valid"]
+        x, r, valid = z["completions"].astype(np.int64), z["reward"], z["valid"]
     except Exception as e:
         raise CheckpointError(f"cannot read reference rollouts {path} ({type(e).__name__}); delete it "
                               "and it is drawn again") from None
+    return x, penalised(r, valid, args), valid                         # the cache keeps env's rewards
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -315,7 +325,8 @@ def run(args):
         pick.manual_seed(args.seed + start)
         x, ids, _ = load_rollouts(rollouts_file(args.out, history[-1]["a"]), wall, prompts)
         x1_all = with_prompts(prompts, x.reshape(P, -1, L))
-        r_all = env.score(wall, x, np.asarray(prompts)[ids])[1].reshape(P, -1)
+        valid, r_all = env.score(wall, x, np.asarray(prompts)[ids])[:2]
+        r_all = penalised(r_all, valid, args).reshape(P, -1)
         rank_all = torch.from_numpy(np.load(rollouts_file(args.out, history[-1]["a"], "ranks")).astype(np.int64)
                                     ).view(P, -1, L) if args.states == "path" else None
         print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
@@ -336,7 +347,7 @@ def run(args):
         eta_loss = 1e-6 if args.control else eta                       # --control: the same run, no tilt
         t0 = time.time()
         # the one-phase target: the teacher's own rollouts (the buffer) reweighted by e^{eta r}
-        target = tilted_means(r_buf.numpy(), (r_buf > env.INVALID_REWARD).numpy(), eta_loss)
+        target = tilted_means(r_buf.numpy(), (r_buf > args.invalid_reward).numpy(), eta_loss)
         # 1. freeze the teacher p_a = the model at the start of the phase
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         # 2. the replay buffer (x1, r): M rollouts per prompt of p_a, the ones just measured
@@ -557,9 +568,13 @@ def parse(argv=None):
                         "cached beside the base checkpoint)")
     p.add_argument("--refresh_every", type=int, default=25, help="steps between buffer refreshes")
     p.add_argument("--refresh_fraction", type=float, default=0.25, help="fraction of the buffer refreshed")
-    p.add_argument("--r_offset", type=float, default=-env.INVALID_REWARD,
-                   help="added to r in the paper-weighted loss, so that r >= 0 and the loss is bounded; "
-                        "the tilt is unchanged")
+    p.add_argument("--invalid_reward", type=float, default=env.INVALID_REWARD,
+                   help="reward of an invalid completion (< 0; valid ones score >= 0): a harsher penalty is "
+                        "a different tilt, with less invalid mass (README)")
+    p.add_argument("--r_offset", type=float, default=None,
+                   help="added to r in the paper-weighted loss, so that r >= 0 and the loss is bounded; the "
+                        "target tilt is unchanged, the fit is not: a larger offset weights the teacher's own "
+                        "samples more (README; default: -invalid_reward)")
     p.add_argument("--z", choices=["batch", "buffer"], default="batch",
                    help="Z = E_a[e^{eta r}] per prompt over the minibatch or over the whole replay buffer")
     p.add_argument("--ema", type=float, default=0.0,
@@ -598,7 +613,10 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every random draw happens there)")
     args = p.parse_args(argv)
     args.figures = args.figures or args.out
+    args.r_offset = -args.invalid_reward if args.r_offset is None else args.r_offset
     problems = []
+    if not args.invalid_reward < 0:
+        problems.append(f"--invalid_reward must be < 0, below every valid reward (got {args.invalid_reward})")
     if not args.eta > 0:
         problems.append(f"--eta must be > 0 (got {args.eta})")
     if not 0 <= args.phi <= 1:

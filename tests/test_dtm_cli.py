@@ -52,6 +52,22 @@ def test_smoke_run_writes_metrics_and_figures(tiny_base, tmp_path):
     assert len(ck["history"]) == 3
 
 
+def test_invalid_reward_rescores_the_reference_and_the_rollouts_and_moves_the_offset(tiny_base, tmp_path):
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    base = str(tmp_path / "base.pt")
+    with open(tiny_base, "rb") as f, open(base, "wb") as g:
+        g.write(f.read())
+    args1, args3 = dtm.parse(TINY), dtm.parse(TINY + ["--invalid_reward", "-3"])
+    assert (args1.r_offset, args3.r_offset) == (1.0, 3.0)                  # r + offset >= 0 either way
+    _, r1, valid = dtm.base_reference(base, wall, prompts, 4, args1)
+    _, r3, valid3 = dtm.base_reference(base, wall, prompts, 4, args3)      # the same cached rollouts
+    assert (valid3 == valid).all() and (r3 == np.where(valid, r1, -3.0)).all()
+    model = load(tiny_base)[0]
+    _, r, v, _ = dtm.rollouts(model, prompts, 2, args3, wall, torch.Generator().manual_seed(0))
+    assert (~v).any() and (r[~v] == -3.0).all() and (r[v] >= 0).all()
+
+
 def test_figures_go_under_out_unless_asked_for(tiny_base, tmp_path):
     out = str(tmp_path / "run")
     dtm.run(dtm.parse(TINY + ["--base", tiny_base, "--out", out]))
@@ -201,6 +217,7 @@ def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path
     (["--phi", "2"], "--phi must be in [0, 1]"),
     (["--base", "no/such/file.pt"], "checkpoint not found: no/such/file.pt"),
     (["--batch", "12"], "--batch must be a positive multiple of the 8 prompts"),
+    (["--invalid_reward", "0"], "--invalid_reward must be < 0"),
 ])
 def test_bad_input_gives_one_line_error_not_traceback(args, message):
     res = run_cli(*args)

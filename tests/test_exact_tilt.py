@@ -1,5 +1,6 @@
 """DTM's claims checked exactly on an enumerable MDM (tests/tabular.py): V = 3 tokens, L = 4 positions."""
 import functools
+import math
 
 import torch
 
@@ -100,23 +101,41 @@ def test_phi1_minimiser_keeps_the_offset_of_a_teacher_that_is_not_self_consisten
     (the control variate's zero-mean step needs p_a = post). Free logits per cell, minimised exactly."""
     p0, r = T.problem()
     teacher = T.noisy_table(p0, 1.0)
-    q = T.terminal_law(teacher)
     eta = 1.0
     cells, expected = T.inconsistent_minimiser(teacher, r, eta, 1.0)
+    learned = minimise_expected_loss(teacher, r, eta, 1.0)[cells]
+    torch.testing.assert_close(learned, expected, rtol=0, atol=1e-5)
+    tilted_posterior = T.inconsistent_minimiser(teacher, r, eta, 0.0)[1]
+    assert (learned - tilted_posterior).abs().max() > 0.05             # the offset is real
+
+
+def test_a_constant_added_to_the_reward_keeps_only_e_to_the_minus_eta_c_of_the_offset():
+    """dtm.py's --r_offset c is not innocent for such a teacher: with r + c the minimiser is
+    T + phi e^{-eta c} (p_a - post) / E_q[e^{eta r} | x_t], i.e. phi acts as phi e^{-eta c}, and a
+    larger c moves the student towards post, the fit of the teacher's own samples."""
+    p0, r = T.problem()
+    teacher = T.noisy_table(p0, 1.0)
+    eta, c = 0.5, 2.0
+    cells, expected = T.inconsistent_minimiser(teacher, r, eta, math.exp(-eta * c))
+    torch.testing.assert_close(minimise_expected_loss(teacher, r + c, eta, 1.0)[cells], expected,
+                               rtol=0, atol=1e-5)
+    assert (expected - T.inconsistent_minimiser(teacher, r, eta, 1.0)[1]).abs().max() > 0.05
+
+
+def minimise_expected_loss(teacher, r, eta, phi):
+    """The student table (softmax rows) minimising the exact expected loss, x1 ~ the teacher's law."""
+    q = T.terminal_law(teacher)
     student = teacher.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([student], lr=1, max_iter=500, line_search_fn="strong_wolfe",
+    opt = torch.optim.LBFGS([student], lr=1, max_iter=2000, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-13, tolerance_change=1e-16)
 
     def closure():
         opt.zero_grad()
-        loss = T.expected_loss(student, teacher, q, r, eta, 1.0)
+        loss = T.expected_loss(student, teacher, q, r, eta, phi)
         loss.backward()
         return loss
     opt.step(closure)
-    learned = torch.softmax(student.detach()[cells], -1)
-    torch.testing.assert_close(learned, expected, rtol=0, atol=1e-5)
-    tilted_posterior = T.inconsistent_minimiser(teacher, r, eta, 0.0)[1]
-    assert (learned - tilted_posterior).abs().max() > 0.05             # the offset is real
+    return torch.softmax(student.detach(), -1)
 
 
 def test_phi1_realises_the_reward_gain_from_a_base_that_is_not_self_consistent():
