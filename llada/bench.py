@@ -165,8 +165,8 @@ def pick_rollout_batch(measure, cap=128, budget=None, tolerance=0.05):
     """--rollout_batch auto: where tokens/s stops rising, within memory.
 
     measure(B) -> (seconds of one sampling step at batch B, peak bytes or None). Batches 1, 2, 4, ... up
-    to `cap` are measured while the next one's peak, extrapolated linearly from the last two, stays
-    under `budget` bytes (None: no limit; an out-of-memory error also ends the search). Returns the
+    to `cap` are measured while the next one's peak, extrapolated linearly from the last two (from
+    the origin after the first, which overestimates it), stays under `budget` bytes (None: no limit; an out-of-memory error also ends the search). Returns the
     smallest measured batch whose sequences/s is within `tolerance` of the best, and the table
     [(B, seconds, peak)]."""
     table, B = [], 1
