@@ -203,18 +203,24 @@ def realised_fraction(now, exact, base):
     return out
 
 
-def base_reference(ckpt, wall, prompts, per_prompt, args):
-    """per_prompt rollouts of the base checkpoint for every prompt: the base's law p_0, from which the
-    exact tilt p_0 e^{a r} / Z of every a follows by importance weights (`tilted_means`). Drawn once
-    (a fixed seed) and cached beside the checkpoint, in a file named by a digest of its bytes and of
-    the sampler's settings. Returns completions (P, n, L), reward (P, n), valid (P, n) as numpy."""
+def reference_path(ckpt, per_prompt, args):
+    """Where base_reference caches the rollouts of checkpoint `ckpt`: named by a digest of its bytes
+    and of the sampler's settings."""
     if not os.path.isfile(ckpt):
         raise CheckpointError(f"checkpoint not found: {ckpt}")
     digest = hashlib.sha256()
     with open(ckpt, "rb") as f:
         digest.update(f.read())
     digest.update(f"{per_prompt} {args.temperature:g} {args.order} {args.sample_steps}".encode())
-    path = f"{os.path.splitext(ckpt)[0]}_reference_{digest.hexdigest()[:8]}.npz"
+    return f"{os.path.splitext(ckpt)[0]}_reference_{digest.hexdigest()[:8]}.npz"
+
+
+def base_reference(ckpt, wall, prompts, per_prompt, args):
+    """per_prompt rollouts of the base checkpoint for every prompt: the base's law p_0, from which the
+    exact tilt p_0 e^{a r} / Z of every a follows by importance weights (`tilted_means`). Drawn once
+    (a fixed seed) and cached beside the checkpoint, in a file named by a digest of its bytes and of
+    the sampler's settings. Returns completions (P, n, L), reward (P, n), valid (P, n) as numpy."""
+    path = reference_path(ckpt, per_prompt, args)
     if not os.path.isfile(path):
         t0 = time.time()
         tqdm.write(f"drawing {per_prompt} rollouts per prompt of the base, once, for the exact tilt -> {path}")

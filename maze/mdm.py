@@ -41,6 +41,7 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128             # ~1M parameters: trains on 2 CPU cores in minutes
+    mlp_ratio: int = 4             # MLP hidden width / d_model
     dropout: float = 0.0
 
 
@@ -55,8 +56,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-                                 nn.Linear(4 * cfg.d_model, cfg.d_model))
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
+                                 nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model))
         self.dropout = cfg.dropout
 
     def forward(self, x):

@@ -1,4 +1,4 @@
-"""Shared pytest set-up: the repository root on sys.path, the `slow` marker, and the tiny LLaDA.
+"""Shared pytest set-up: the repository root on sys.path, the `slow` marker, the tiny LLaDA and maze base.
 
     python -m pytest              # the default run: fast tests only (< 10 min on 2 CPU cores)
     python -m pytest -m slow      # the end-to-end runs (several minutes each)
@@ -17,6 +17,17 @@ def tiny(tmp_path_factory):
     from llada_tiny import write_tiny_llada
     path = str(tmp_path_factory.mktemp("tiny_llada"))
     return path, write_tiny_llada(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random maze MDM checkpoint (one layer, width 32), for end-to-end runs of dtm.py."""
+    import torch
+    from maze.mdm import MDM, Config, save
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base") / "tiny.pt")
+    save(MDM(Config(n_layer=1, n_head=2, d_model=32)), path)
+    return path
 
 
 def pytest_configure(config):

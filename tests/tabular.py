@@ -7,7 +7,8 @@ one uniformly chosen masked position per step), computed exactly by averaging ov
 
     python tests/tabular.py     # anneal a = 0 -> 1 with phi in {0, 1} and several eta; TV to the
                                 # exact tilted law after each phase; the control variate's variance;
-                                # the same from bases that are not self-consistent -> figures/exact_tilt.png
+                                # the same from bases that are not self-consistent; a model restricted
+                                # to k directions -> figures/exact_tilt.png
 
 The tests that use it are tests/test_exact_tilt.py.
 """
@@ -36,22 +37,36 @@ def index(x_t):
     return (x_t * PLACE).sum(-1)
 
 
-def terminal_law(table):
-    """Exact law (V^L,) of the random-order sampler with posterior logits `table` (S, L, V).
-
-    q(x) = (1/L!) sum_orders prod_k p(x^{o_k} | x revealed at o_1 .. o_{k-1}, o_k).
-    """
-    logp = F.log_softmax(table, -1)
-    n, m = len(X), len(ORDERS)
-    x = X[:, None, :].expand(n, m, L)
-    x_t = torch.full((n, m, L), MASK)
-    log_q = torch.zeros(n, m, dtype=table.dtype)
+def sampler_paths():
+    """Every path of the random-order sampler, one row per (x, order, step k), flattened in that
+    order: the table cell (state before step k, position o_k) it reads, and x."""
+    x = X[:, None, :].expand(len(X), len(ORDERS), L)
+    x_t, states, positions = torch.full_like(x, MASK), [], []
     for k in range(L):
-        pos = ORDERS[:, k].expand(n, m)
-        tok = x.gather(2, pos[..., None])[..., 0]
-        log_q = log_q + logp[index(x_t), pos, tok]
-        x_t = x_t.scatter(2, pos[..., None], tok[..., None])
-    return log_q.exp().mean(1)
+        pos = ORDERS[:, k].expand(len(X), len(ORDERS))
+        states.append(index(x_t))
+        positions.append(pos)
+        x_t = x_t.scatter(2, pos[..., None], x.gather(2, pos[..., None]))
+    cells = (torch.stack(states, -1).flatten(), torch.stack(positions, -1).flatten())
+    return cells, x[:, :, None, :].expand(-1, -1, L, -1).reshape(-1, L)
+
+
+PATH_CELLS, PATH_X1 = sampler_paths()                                  # (V^L * L! * L,) rows
+PATH_MASK = F.one_hot(PATH_CELLS[1], L).bool()                         # the one position revealed
+PATH_SEQ = torch.arange(len(X)).repeat_interleave(len(ORDERS) * L)     # the row's x in X
+
+
+def path_law(table):
+    """(V^L, L!): the probability of each path (x, order) of the sampler with posterior logits `table`,
+    (1/L!) prod_k p(x^{o_k} | x revealed at o_1 .. o_{k-1}, o_k)."""
+    logp = F.log_softmax(table, -1)[PATH_CELLS + (PATH_X1[PATH_MASK],)]
+    return logp.view(len(X), len(ORDERS), L).sum(-1).exp() / len(ORDERS)
+
+
+def terminal_law(table):
+    """Exact law (V^L,) of the random-order sampler with posterior logits `table` (S, L, V): the sum
+    of path_law over the L! orders."""
+    return path_law(table).sum(1)
 
 
 def posterior_table(p):
@@ -103,22 +118,28 @@ def expected_loss(student, teacher, p_a, r_of, eta, phi):
     return loss * len(x1r) / Z                                         # dtm_loss divides by the rows
 
 
+def lbfgs(theta, loss_of, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15):
+    """argmin over theta of the scalar loss_of(theta), by LBFGS from theta."""
+    theta = theta.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(theta)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return theta.detach()
+
+
 def dtm_phase(teacher, r_of, n, eta, phi, generator=None, iters=60):
     """One DTM phase: n rollouts of the teacher, then minimise the loss over the free table."""
     x1 = sample(teacher, n, generator)
     x1r, mask, w, cells = masked_batch(x1)                             # fixed for the whole phase
     r, teacher_logits = r_of[seq_index(x1r)], teacher[cells]
-    student = teacher.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([student], lr=1, max_iter=iters, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-12, tolerance_change=1e-14)
-
-    def closure():
-        opt.zero_grad()
-        loss = dtm_loss(student[cells], teacher_logits, x1r, mask, r, w, eta, phi)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return student.detach()
+    return lbfgs(teacher, lambda student: dtm_loss(student[cells], teacher_logits, x1r, mask, r, w, eta, phi),
+                 max_iter=iters, tolerance_change=1e-14)
 
 
 def seq_index(x):
@@ -169,6 +190,69 @@ def anneal_from(table, r, eta, phi, n, a_max=1.0, seed=0):
         out.append(tv(terminal_law(table), tilted(q0, r, k * eta)))
     gain = ((tilted(q0, r, a_max) - q0) * r).sum()
     return out, (((terminal_law(table) - q0) * r).sum() / gain).item()
+
+
+# ----------------------------------------------------------------------------- a restricted model
+# A network cannot set each conditional on its own: a phase moves its table only along the directions
+# its parameters span. The model below is the plainest such family: table = posterior_table(p0) +
+# (Phi theta).view(table), Phi a fixed (cells, k) Gaussian, theta in R^k, every loss in exact expectation.
+
+def subspace(p0, k, seed=0):
+    """(base table, Phi): the table of parameters theta is base + (Phi @ theta).view(base.shape)."""
+    g = torch.Generator().manual_seed(seed)
+    base = posterior_table(p0)
+    return base, torch.randn(base.numel(), k, generator=g, dtype=base.dtype) / math.sqrt(k)
+
+
+def expected_path_loss(student, teacher, r_of, eta, phi):
+    """The DTM loss at the sampler's own states (dtm.py --states path) in exact expectation: every
+    path (x, order) with its probability under the teacher, every step of it, the token revealed."""
+    path_p = path_law(teacher)
+    Z = (path_p.sum(1) * torch.exp(eta * r_of)).sum()
+    loss = dtm_loss(student[PATH_CELLS], teacher[PATH_CELLS], PATH_X1, PATH_MASK, r_of[PATH_SEQ],
+                    path_p[..., None].expand(-1, -1, L).flatten(), eta, phi, normalise=False)
+    return loss * len(PATH_X1) / Z
+
+
+def anneal_subspace(p0, r, k, eta, phi=1.0, a_max=1.0, states="forward", seed=0):
+    """DTM from p0 with the k-direction model, each phase's loss minimised exactly over theta (no
+    rollouts): its minimiser is the point nearest the tilted posteriors that the k directions reach.
+    states: "forward" masking (the paper) or "path", the sampler's own states. Returns the realised
+    fraction of the exact tilt's gain in E[r] at a_max, and the TV to p0 e^{a_max r} / Z."""
+    base, Phi = subspace(p0, k, seed)
+    table = lambda theta: base + (Phi @ theta).view(base.shape)        # noqa: E731
+    theta = torch.zeros(k, dtype=base.dtype)
+    for _ in range(round(a_max / eta)):
+        teacher = table(theta)
+        p_a = terminal_law(teacher)
+        if states == "path":
+            theta = lbfgs(theta, lambda th: expected_path_loss(table(th), teacher, r, eta, phi))
+        else:
+            theta = lbfgs(theta, lambda th: expected_loss(table(th), teacher, p_a, r, eta, phi))
+    return realised(terminal_law(table(theta)), p0, r, a_max)
+
+
+def fit_subspace(p0, r, k, how, a=1.0, seed=0):
+    """The k-direction model fitted in one go to the exact tilt p0 e^{a r} / Z. how = "law": the
+    nearest law, min KL(tilt || q_theta) (needs the model's likelihood, which an MDM does not have);
+    "elbo": the ELBO fit of exact samples of the tilt (supervised fine-tuning on perfect data).
+    Returns (realised fraction, TV) as anneal_subspace does."""
+    base, Phi = subspace(p0, k, seed)
+    table = lambda theta: base + (Phi @ theta).view(base.shape)        # noqa: E731
+    target = tilted(p0, r, a)
+    if how == "law":
+        loss_of = lambda th: -(target * terminal_law(table(th)).log()).sum()      # noqa: E731
+    else:
+        zero = torch.zeros_like(r)                                     # phi = 0, eta = 0: the ELBO
+        loss_of = lambda th: expected_loss(table(th), base, target, zero, 0.0, 0.0)  # noqa: E731
+    theta = lbfgs(torch.zeros(k, dtype=base.dtype), loss_of, max_iter=1000)
+    return realised(terminal_law(table(theta)), p0, r, a)
+
+
+def realised(q, p0, r, a):
+    """(E_q[r] - E_p0[r]) / (E_tilt[r] - E_p0[r]) for the tilt p0 e^{a r} / Z, and TV(q, tilt)."""
+    target = tilted(p0, r, a)
+    return (((q - p0) * r).sum() / ((target - p0) * r).sum()).item(), tv(q, target)
 
 
 def noisy_table(p0, noise, seed=0):
@@ -235,7 +319,7 @@ if __name__ == "__main__":
     import matplotlib.pyplot as plt
     p0, r = problem()
     print(f"TV(p0, exact tilt at a=1) = {tv(p0, tilted(p0, r, 1.0)):.3f}")
-    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, (ax, bx, cx, dx) = plt.subplots(1, 4, figsize=(20, 3.8))
     for phi, style in ((1.0, "-"), (0.0, "--")):
         for eta in (0.5, 0.25, 0.1):
             d = anneal(p0, r, eta, phi, n=2000)
@@ -276,6 +360,21 @@ if __name__ == "__main__":
     cx.set_xlabel("inconsistency: mean TV(rows, posteriors of own law)")
     cx.set_title("from a base that is not self-consistent (eta 0.1)")
     cx.legend(fontsize=7)
+    # a model that moves its table only along k random directions, every loss in exact expectation
+    ks = (4, 16, 64, 256, 1024)
+    curves = {f"DTM eta={eta:g} ({round(1 / eta)} phases)": (lambda k, eta=eta: anneal_subspace(p0, r, k, eta))
+              for eta in (0.5, 0.25, 0.1)}
+    curves["DTM eta=0.25, the sampler's states"] = lambda k: anneal_subspace(p0, r, k, 0.25, states="path")
+    curves["ELBO fit of exact tilt samples"] = lambda k: fit_subspace(p0, r, k, "elbo")
+    curves["nearest law, KL (what the model can hold)"] = lambda k: fit_subspace(p0, r, k, "law")
+    for (name, f), style in zip(curves.items(), ("o-", "s-", "^-", "v--", "x:", "k*-")):
+        v = [f(k)[0] for k in ks]
+        print(f"{name}: realised reward fraction at a=1 " + " ".join(f"k={k}: {x:.3f}" for k, x in zip(ks, v)))
+        dx.semilogx(ks, v, style, label=name)
+    dx.set_xlabel(f"k, directions the model moves in (free table: {posterior_table(p0).numel()})")
+    dx.set_ylabel("realised fraction of the gain in E[r], a = 1")
+    dx.set_title("k directions: DTM fits conditionals, not the law")
+    dx.legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "figures", "exact_tilt.png")
     fig.savefig(out, dpi=100)

@@ -10,20 +10,12 @@ import torch
 
 import dtm
 from maze import env
-from maze.mdm import MDM, Config, load, sample, save
+from maze.mdm import load, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--a_max", "0.2", "--eta", "0.1", "--steps_per_phase", "3", "--batch", "16",
         "--rollouts_per_prompt", "2", "--refresh_every", "2", "--sample_steps", "4",
         "--end_rollouts_per_prompt", "3", "--reference_per_prompt", "4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("base") / "tiny.pt")
-    save(MDM(Config(n_layer=1, n_head=2, d_model=32)), path)
-    return path
 
 
 def run_cli(*args, script="dtm.py"):

@@ -125,17 +125,9 @@ def test_a_constant_added_to_the_reward_keeps_only_e_to_the_minus_eta_c_of_the_o
 def minimise_expected_loss(teacher, r, eta, phi):
     """The student table (softmax rows) minimising the exact expected loss, x1 ~ the teacher's law."""
     q = T.terminal_law(teacher)
-    student = teacher.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([student], lr=1, max_iter=2000, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-13, tolerance_change=1e-16)
-
-    def closure():
-        opt.zero_grad()
-        loss = T.expected_loss(student, teacher, q, r, eta, phi)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return torch.softmax(student.detach(), -1)
+    student = T.lbfgs(teacher, lambda s: T.expected_loss(s, teacher, q, r, eta, phi), max_iter=2000,
+                      tolerance_grad=1e-13, tolerance_change=1e-16)
+    return torch.softmax(student, -1)
 
 
 def test_phi1_realises_the_reward_gain_from_a_base_that_is_not_self_consistent():
@@ -149,3 +141,28 @@ def test_phi1_realises_the_reward_gain_from_a_base_that_is_not_self_consistent()
     tvs, realised = T.anneal_from(base, r, 0.25, 1.0, 2000)
     assert 0.8 <= realised <= 1.25, realised
     assert tvs[-1] < T.tv(q0, T.tilted(q0, r, 1.0)) / 3, tvs
+
+
+def test_a_model_restricted_to_k_directions_realises_the_same_fraction_of_the_tilt_at_every_eta():
+    """In exact expectation (no rollouts), a model that moves its table along k random directions
+    realises a fraction of the exact gain in E[r] that grows with k (16: about 0.2, 256: about 0.8) and
+    does not grow with the number of phases (eta 0.5 and 0.25 agree within 0.02): each phase's
+    minimiser is the nearest point to the tilted posteriors that the model reaches, and what one
+    phase loses the next does not recover."""
+    p0, r = T.problem()
+    f = {(k, eta): T.anneal_subspace(p0, r, k, eta)[0] for k in (16, 256) for eta in (0.5, 0.25)}
+    assert f[16, 0.5] < 0.3 and f[256, 0.5] > 0.7, f
+    for k in (16, 256):
+        assert abs(f[k, 0.5] - f[k, 0.25]) < 0.02, f
+
+
+def test_a_restricted_model_holds_the_tilted_law_that_dtm_and_an_elbo_fit_do_not_reach():
+    """With k = 64 directions the model holds the tilt at a = 1 (its nearest law in KL realises > 95%
+    of the gain), yet DTM, DTM at the sampler's own states and an exact ELBO fit of the tilt's samples
+    all realise < 50%: they fit conditionals, and the model reaches the tilted law only through
+    conditionals that are not its posteriors."""
+    p0, r = T.problem()
+    assert T.fit_subspace(p0, r, 64, "law")[0] > 0.95
+    for f in (T.anneal_subspace(p0, r, 64, 0.5), T.anneal_subspace(p0, r, 64, 0.5, states="path"),
+              T.fit_subspace(p0, r, 64, "elbo")):
+        assert f[0] < 0.5, f
