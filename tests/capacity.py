@@ -16,6 +16,7 @@ README's table "which of the maze network's parameters" has the commands and num
     python tests/capacity.py train blocks.3 ln_f -- --out runs/last_block   # then dtm.py's flags
     python tests/capacity.py widen 12 -- --out runs/wide12
 """
+import dataclasses
 import os
 import shutil
 import sys
@@ -25,14 +26,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dtm                                                                    # noqa: E402
-from maze.mdm import MDM, Config, load, n_params, save                       # noqa: E402
+from maze.mdm import MDM, load, n_params, save                     # noqa: E402
 
 
 def widened(model, ratio, generator=None):
     """The same function with every block's MLP ratio * d_model wide: the old units copied, the new
     ones with fresh input weights (the base's init, std 0.02), zero input bias and zero output weights."""
-    cfg = Config(**{**model.cfg.__dict__, "mlp_ratio": ratio})
-    wide = MDM(cfg)
+    wide = MDM(dataclasses.replace(model.cfg, mlp_ratio=ratio))
     state = model.state_dict()
     new = wide.state_dict()
     for k, v in state.items():
