@@ -138,6 +138,14 @@ def with_prompts(prompts, comp):
     return torch.cat([pr, torch.full((P, n, 1), env.SEP), comp], 2)
 
 
+def shuffled(r, generator):
+    """--shuffle_rewards, a noise control: the rewards r (P, n) permuted among each prompt's n rollouts.
+    A phase then tilts towards a random reweighting of the teacher's own samples, zero in expectation,
+    with the weights, and so the gradient noise, of the real tilt (which --control's eta ~ 0 removes)."""
+    r = torch.as_tensor(r)
+    return r.gather(1, torch.rand(r.shape, generator=generator).argsort(1))
+
+
 def stratified(P, n, batch, generator):
     """A minibatch stratified by prompt: indices (rows, j), each (P, batch // P), of batch // P draws
     (with replacement) from the n buffer entries of every one of the P prompts; index a (P, n, ...)
@@ -346,7 +354,8 @@ def run(args):
             x1_all, r_all, _, rank_all = rollouts(model, prompts, M, args, wall, gen)
     pick_m = (torch.arange(P)[:, None], torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M]
                                                      for _ in range(P)]))     # M of them per prompt
-    x1_buf, r_buf = x1_all[pick_m], torch.as_tensor(r_all, dtype=torch.float32)[pick_m]
+    entering = (lambda r: shuffled(r, pick)) if args.shuffle_rewards else (lambda r: r)   # rewards into the buffer
+    x1_buf, r_buf = x1_all[pick_m], entering(torch.as_tensor(r_all, dtype=torch.float32)[pick_m])
     rank_buf = rank_all[pick_m] if rank_all is not None else None
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
@@ -371,7 +380,8 @@ def run(args):
             if step and step % args.refresh_every == 0:                # refresh a fraction of the buffer
                 n_new = max(1, round(args.refresh_fraction * M))
                 slots = torch.randperm(M, generator=pick)[:n_new]
-                x1_buf[:, slots], r_buf[:, slots], _, new_rank = rollouts(teacher, prompts, n_new, args, wall, gen)
+                x1_buf[:, slots], r_new, _, new_rank = rollouts(teacher, prompts, n_new, args, wall, gen)
+                r_buf[:, slots] = entering(r_new)
                 if rank_buf is not None:
                     rank_buf[:, slots] = new_rank
             # 4. a stratified minibatch: batch // P rollouts of every prompt, masked afresh
@@ -425,7 +435,7 @@ def run(args):
             dict(loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
                  **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}),
             rank_all.numpy() if args.states == "path" else None)
-        x1_buf, r_buf = x1_all[:, :M].clone(), r_all[:, :M].clone()
+        x1_buf, r_buf = x1_all[:, :M].clone(), entering(r_all[:, :M].clone())
         rank_buf = rank_all[:, :M].clone() if args.states == "path" else None
         save(model, state_path, history=history, args=vars(args))      # atomic; --resume goes on here
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -589,6 +599,10 @@ def parse(argv=None):
     p.add_argument("--control", action="store_true",
                    help="a control run: the same schedule and steps with eta ~ 0 (1e-6) in the loss, "
                         "to see what training alone does to the model")
+    p.add_argument("--shuffle_rewards", action="store_true",
+                   help="a noise control: rewards permuted among each prompt's rollouts as they enter the "
+                        "buffer, so every phase tilts towards a random reweighting of the teacher's samples: "
+                        "the real tilt's gradient noise, with no signal")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, eval)")
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")

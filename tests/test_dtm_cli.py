@@ -191,6 +191,39 @@ def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path)
     assert (final["ema"] - base).norm() < (final["paper"] - base).norm()    # the EMA lags the iterates
 
 
+def test_shuffled_rewards_are_a_permutation_within_each_prompt():
+    r = torch.arange(8 * 50, dtype=torch.float32).view(8, 50)
+    s = dtm.shuffled(r, torch.Generator().manual_seed(0))
+    assert torch.equal(s.sort(1).values, r)                             # each prompt keeps its own rewards
+    assert (s != r).float().mean() > 0.9                                # ... on other rollouts
+    assert torch.equal(s, dtm.shuffled(r, torch.Generator().manual_seed(0)))
+
+
+def test_shuffle_rewards_trains_on_permuted_rewards_and_measures_the_true_ones(tiny_base, tmp_path, monkeypatch):
+    """--shuffle_rewards (the noise control): in the loss, each prompt's rewards sit on other rollouts of
+    that prompt; the measured rows still score every rollout by its own reward. Rewards here are a
+    made-up function of the completion, so that every rollout's own reward is known."""
+    own = lambda comp: (torch.as_tensor(comp).long().sum(-1) % 97).float() / 100              # noqa: E731
+    rollouts = dtm.rollouts
+    monkeypatch.setattr(dtm, "rollouts", lambda *a, **k: (lambda x1, r, v, rank: (x1, own(x1[..., 3:]), v, rank))(
+        *rollouts(*a, **k)))
+    seen, dtm_loss = [], dtm.dtm_loss
+    monkeypatch.setattr(dtm, "dtm_loss", lambda *a, **k: seen.append((a[2], a[4])) or dtm_loss(*a, **k))
+    for name, extra, share in (("default", [], 1.0), ("shuffled", ["--shuffle_rewards"], None)):
+        out = str(tmp_path / name)
+        seen.clear()
+        history = dtm.run(dtm.parse(TINY + ["--base", tiny_base, "--out", out, "--rollouts_per_prompt", "8",
+                                            "--reference_per_prompt", "8", "--refresh_every", "100", *extra]))
+        last_phase = seen[-3:]                             # 3 steps; its buffer: the end rollouts of phase 1
+        matches = torch.cat([(r - 1.0 - own(x1[:, 3:])).abs() < 1e-6 for x1, r in last_phase]).float().mean()
+        if share is not None:
+            assert matches == share                        # r + r_offset, on its own rollout
+        else:
+            assert matches < 0.5                           # a permutation of 8 keeps about 1 in place
+        comp = np.load(os.path.join(out, "rollouts_a0.2.npy"))
+        assert history[-1]["reward"] == pytest.approx(own(comp).mean().item(), abs=1e-6)
+
+
 def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path, monkeypatch):
     """--lr_decay cosine: step k of n takes lr (1 + cos(pi k / n)) / 2, afresh in every phase."""
     seen, sgd_step = [], torch.optim.SGD.step
