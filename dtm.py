@@ -10,6 +10,7 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
     python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures in runs/dtm
                                              # (417 s on 2 cores), next to the exact tilt of the base
     python dtm.py --phi 1 --eta 0.1 --control --out runs/control   # the same with no tilt
+    python dtm.py --phi 1 --eta 0.1 --shuffle_rewards --out runs/shuffle   # the tilt's noise, no signal
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
     python dtm.py --states path --lr 0.006   # train at the sampler's own states (exactly self-consistent)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
