@@ -198,10 +198,11 @@ def anneal_from(table, r, eta, phi, n, a_max=1.0, seed=0):
 # (Phi theta).view(table), Phi a fixed (cells, k) Gaussian, theta in R^k, every loss in exact expectation.
 
 def subspace(p0, k, seed=0):
-    """(base table, Phi): the table of parameters theta is base + (Phi @ theta).view(base.shape)."""
+    """(base, table): the base table and the model, table(theta) = base + (Phi @ theta).view(base.shape)."""
     g = torch.Generator().manual_seed(seed)
     base = posterior_table(p0)
-    return base, torch.randn(base.numel(), k, generator=g, dtype=base.dtype) / math.sqrt(k)
+    Phi = torch.randn(base.numel(), k, generator=g, dtype=base.dtype) / math.sqrt(k)
+    return base, lambda theta: base + (Phi @ theta).view(base.shape)
 
 
 def expected_path_loss(student, teacher, r_of, eta, phi):
@@ -219,8 +220,7 @@ def anneal_subspace(p0, r, k, eta, phi=1.0, a_max=1.0, states="forward", seed=0)
     rollouts): its minimiser is the point nearest the tilted posteriors that the k directions reach.
     states: "forward" masking (the paper) or "path", the sampler's own states. Returns the realised
     fraction of the exact tilt's gain in E[r] at a_max, and the TV to p0 e^{a_max r} / Z."""
-    base, Phi = subspace(p0, k, seed)
-    table = lambda theta: base + (Phi @ theta).view(base.shape)        # noqa: E731
+    base, table = subspace(p0, k, seed)
     theta = torch.zeros(k, dtype=base.dtype)
     for _ in range(round(a_max / eta)):
         teacher = table(theta)
@@ -237,8 +237,7 @@ def fit_subspace(p0, r, k, how, a=1.0, seed=0):
     nearest law, min KL(tilt || q_theta) (needs the model's likelihood, which an MDM does not have);
     "elbo": the ELBO fit of exact samples of the tilt (supervised fine-tuning on perfect data).
     Returns (realised fraction, TV) as anneal_subspace does."""
-    base, Phi = subspace(p0, k, seed)
-    table = lambda theta: base + (Phi @ theta).view(base.shape)        # noqa: E731
+    base, table = subspace(p0, k, seed)
     target = tilted(p0, r, a)
     if how == "law":
         loss_of = lambda th: -(target * terminal_law(table(th)).log()).sum()      # noqa: E731
