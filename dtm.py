@@ -59,7 +59,7 @@ def group_log_mean_exp(x, group=None):
 
 
 def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, group=None,
-             normalise=True, log_Z=None):
+             normalise=True, log_Z=None, centred=False):
     """phi-DTM loss (eq. 16) with the control-variate target of eq. 17.
 
     logits         (N, V) student logits at the N True entries of `mask`, row-major (= head(h[mask]))
@@ -72,6 +72,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     normalise      divide by Z (the paper); False uses e^{eta r} raw (the authors' released code)
     log_Z          (B,)   log Z per sequence, estimated by the caller (e.g. over a whole replay
                           buffer); overrides group and normalise
+    centred        scale the control variate by Z (below): NLL weights of mean 1 - phi
     Returns (1/B) * sum_b time_weight_b * sum_{i in mask_b} loss_i.
 
     Derivation (paper §3). Masking x1 -> x_t does not depend on the tilt, so for any F (eq. 11-12)
@@ -107,6 +108,14 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     then has a negative target, and the loss is unbounded below in its logit (tests/test_dtm_loss.py).
     dtm.py feeds r + c >= 0 (--r_offset c = -invalid_reward, as r >= invalid_reward); the released
     code clips r at 0 instead, which changes the reward.
+    Centred (not in the paper; --centred). Over x1 ~ p_a the NLL weight above averages to 1 - phi / Z,
+    so unless Z = 1 every phase also refits the teacher's own samples, with weight ~ eta (E[r] + c) at
+    phi = 1. Scaling the control variate by Z, Y = 1{x1^i = v} - phi Z e^{-eta r} (1{x1^i = v} - p_a),
+    keeps it zero-mean (the same minimiser for a self-consistent teacher) and gives
+        (e^{eta r} / Z) CE(Y, p_theta) = (e^{eta r} / Z - phi) * NLL + phi * CE(p_a, p_theta),
+    NLL weights of mean exactly 1 - phi, the same for r and r + c. A below-average rollout's NLL weight
+    is then negative (the unbounded case above), and for an inconsistent teacher the minimiser
+    T + phi Z (p_a - post) / E_a[e^{eta r} | x_t] need not be a distribution (tests/test_exact_tilt.py).
     """
     B = x1.shape[0]
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
@@ -117,8 +126,9 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
         log_inv_Z = -group_log_mean_exp(er, group)                     # (B,) log(1/Z) per sequence
     else:
         log_inv_Z = torch.zeros_like(er)
-    w_nll = torch.exp(er + log_inv_Z) - phi * torch.exp(log_inv_Z)     # (e^{eta r} - phi) / Z
-    w_ce = phi * torch.exp(log_inv_Z)                                  # phi / Z
+    cv = phi if centred else phi * torch.exp(log_inv_Z)                # phi Z / Z, or phi / Z
+    w_nll = torch.exp(er + log_inv_Z) - cv                             # e^{eta r} / Z - phi, or (e^{eta r} - phi) / Z
+    w_ce = cv * torch.ones_like(er)                                    # (B,)
     seq = mask.nonzero()[:, 0]                                         # (N,) sequence of each token
     logp = F.log_softmax(logits.to(dt), dim=-1)                       # (N, V)
     nll = -logp.gather(1, x1[mask][:, None])[:, 0]                     # (N,) -log p_theta(x1^i)
@@ -142,7 +152,8 @@ def with_prompts(prompts, comp):
 def shuffled(r, generator):
     """--shuffle_rewards, a noise control: the rewards r (P, n) permuted among each prompt's n rollouts.
     A phase then tilts towards a random reweighting of the teacher's own samples, zero in expectation,
-    with the weights, and so the gradient noise, of the real tilt (which --control's eta ~ 0 removes)."""
+    with the weights of the real tilt (which --control's eta ~ 0 removes): their noise, and their mean,
+    the refit of the teacher's samples that dtm_loss's "Centred" note describes."""
     r = torch.as_tensor(r)
     return r.gather(1, torch.rand(r.shape, generator=generator).argsort(1))
 
@@ -289,6 +300,7 @@ def gradient_norm(model, x1, reward, args, phi, gen, batches=16):
 
 def run(args):
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True                       # on a GPU, TF32 matmuls (as nanoGPT)
     np.random.seed(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)         # sampling and masking, on the device
     pick = torch.Generator().manual_seed(args.seed)                     # draws from the replay buffer (CPU)
@@ -413,7 +425,7 @@ def run(args):
                 with torch.no_grad():
                     teacher_logits = teacher(x_t, mask)
             loss = dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta_loss, args.phi, group,
-                            normalise=args.weighting != "released", log_Z=log_Z)
+                            normalise=args.weighting != "released", log_Z=log_Z, centred=args.centred)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -603,7 +615,12 @@ def parse(argv=None):
     p.add_argument("--shuffle_rewards", action="store_true",
                    help="a noise control: rewards permuted among each prompt's rollouts as they enter the "
                         "buffer, so every phase tilts towards a random reweighting of the teacher's samples: "
-                        "the real tilt's gradient noise, with no signal")
+                        "the real tilt's weights (their noise and their mean refit of the teacher's own "
+                        "samples, README), with no signal")
+    p.add_argument("--centred", action="store_true",
+                   help="the control variate scaled by Z: NLL weight e^{eta r}/Z - phi, mean 1 - phi, where the "
+                        "paper's (e^{eta r} - phi)/Z has mean 1 - phi/Z, a refit of the teacher's own samples "
+                        "that --r_offset sets (README); --r_offset then changes nothing")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (rollouts, eval)")
     p.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")

@@ -333,6 +333,7 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
              out=None, maze_seed=0, n_prompts=8):
     """Train the base MDM with the ELBO (eq. 5): AdamW, 200 warm-up steps, then cosine decay."""
     torch.manual_seed(seed)
+    torch.backends.cuda.matmul.allow_tf32 = True                   # on a GPU, TF32 matmuls (as nanoGPT)
     wall = env.make_maze(maze_seed)
     prompts = env.make_prompts(wall, n_prompts)
     data = training_set(wall, prompts, paths_per_prompt, cfg.gen_len, seed).to(device)

@@ -107,15 +107,15 @@ def masked_batch(x1):
     return x1r, mask, ELBO_WEIGHT.repeat(n), cells
 
 
-def expected_loss(student, teacher, p_a, r_of, eta, phi):
+def expected_loss(student, teacher, p_a, r_of, eta, phi, centred=False):
     """The DTM loss in exact expectation: x1 ~ p_a over all V^L sequences, every masking with its
     ELBO weight, and the exact Z = E_a[e^{eta r}] (eq. 16 with nothing sampled)."""
     x1r, mask, w, cells = masked_batch(X)
     P = len(PATTERNS)
-    Z = (p_a * torch.exp(eta * r_of)).sum()
+    log_Z = (p_a * torch.exp(eta * r_of)).sum().log().expand(len(x1r))
     loss = dtm_loss(student[cells], teacher[cells], x1r, mask, r_of.repeat_interleave(P),
-                    w * p_a.repeat_interleave(P), eta, phi, normalise=False)
-    return loss * len(x1r) / Z                                         # dtm_loss divides by the rows
+                    w * p_a.repeat_interleave(P), eta, phi, log_Z=log_Z, centred=centred)
+    return loss * len(x1r)                                             # dtm_loss divides by the rows
 
 
 def lbfgs(theta, loss_of, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15):

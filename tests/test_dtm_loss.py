@@ -192,6 +192,34 @@ def test_phi1_control_variate_is_not_shift_invariant():
     assert not torch.isclose(before, after)
 
 
+def test_centred_control_variate_is_shift_invariant_and_its_nll_weights_average_to_1_minus_phi():
+    """--centred: distillation weight phi, NLL weight e^{eta r} / Z - phi. Adding c to r scales e^{eta r}
+    and Z alike, so nothing changes; and over each group the NLL weights average to 1 - phi (zero at
+    phi = 1: no refit of the teacher's own samples), where the paper's average 1 - phi / Z."""
+    x1, mask, logits, reward, tw, group = random_batch()
+    teacher = logits.flip(-1)
+    for phi in (0.5, 1.0):
+        before = dtm_loss(logits, teacher, x1, mask, reward, tw, 0.9, phi, group, centred=True)
+        after = dtm_loss(logits, teacher, x1, mask, reward + 3.0, tw, 0.9, phi, group, centred=True)
+        torch.testing.assert_close(before, after, rtol=1e-12, atol=0)
+    # one token per sequence; the teacher is sure of a token y != x1, the student gives y logit 2:
+    # then NLL = A and CE = B for every row, and loss = A mean(NLL weight) + B phi
+    one = torch.zeros_like(mask)
+    one[:, PROMPT_LEN] = True
+    V, ones = logits.shape[1], torch.ones(len(x1), dtype=torch.float64)
+    y = (x1[:, PROMPT_LEN] + 1) % V
+    teacher = torch.zeros(len(x1), V, dtype=torch.float64).scatter(1, y[:, None], 60.0)
+    student = torch.zeros(len(x1), V, dtype=torch.float64).scatter(1, y[:, None], 2.0)
+    A = math.log(V - 1 + math.e ** 2)
+    B = A - 2.0
+    for phi in (0.0, 0.5, 1.0):
+        loss = dtm_loss(student, teacher, x1, one, reward, ones, 0.9, phi, group, centred=True)
+        torch.testing.assert_close((loss - B * phi) / A, torch.tensor(1 - phi, dtype=torch.float64),
+                                   rtol=0, atol=1e-12)
+    paper = dtm_loss(student, teacher, x1, one, reward, ones, 0.9, 1.0, group)
+    assert abs((paper - B) / A) > 0.05                                 # paper: 1 - mean(1 / Z) != 0 here
+
+
 @pytest.mark.parametrize("phi", [0.0, 1.0])
 def test_huge_tilts_stay_finite(phi):
     """log-sum-exp keeps e^{eta r} / Z finite where e^{eta r} alone (here e^{5000}) would overflow."""

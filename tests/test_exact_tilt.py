@@ -122,10 +122,29 @@ def test_a_constant_added_to_the_reward_keeps_only_e_to_the_minus_eta_c_of_the_o
     assert (expected - T.inconsistent_minimiser(teacher, r, eta, 1.0)[1]).abs().max() > 0.05
 
 
-def minimise_expected_loss(teacher, r, eta, phi):
+def test_the_centred_control_variate_keeps_the_offset_whatever_constant_is_added_to_the_reward():
+    """dtm.py --centred scales the control variate by Z: the NLL weight is e^{eta r} / Z - phi, whose
+    mean over x1 ~ p_a is exactly 1 - phi, instead of the paper's (e^{eta r} - phi) / Z, whose mean
+    1 - phi / Z refits the teacher's own samples wherever Z != 1. The minimiser is then
+    T + phi Z (p_a - post) / E_q[e^{eta r} | x_t], and the same for r and r + c. It exists while that is
+    >= 0: an offset larger than the tilt (noise 1 here, or eta 0.5) leaves the loss unbounded below."""
+    p0, r = T.problem()
+    teacher = T.noisy_table(p0, 0.5)
+    eta, c = 0.25, 2.0
+    q = T.terminal_law(teacher)
+    Z = (q * torch.exp(eta * r)).sum().item()
+    cells, expected = T.inconsistent_minimiser(teacher, r, eta, Z)
+    for shift in (0.0, c):
+        torch.testing.assert_close(minimise_expected_loss(teacher, r + shift, eta, 1.0, centred=True)[cells],
+                                   expected, rtol=0, atol=1e-5)
+    assert Z > 1.1 and expected.min() > 0                              # r in [0, 1]: Z > 1
+    assert (expected - T.inconsistent_minimiser(teacher, r, eta, 1.0)[1]).abs().max() > 0.03   # the paper's
+
+
+def minimise_expected_loss(teacher, r, eta, phi, centred=False):
     """The student table (softmax rows) minimising the exact expected loss, x1 ~ the teacher's law."""
     q = T.terminal_law(teacher)
-    student = T.lbfgs(teacher, lambda s: T.expected_loss(s, teacher, q, r, eta, phi), max_iter=2000,
+    student = T.lbfgs(teacher, lambda s: T.expected_loss(s, teacher, q, r, eta, phi, centred), max_iter=2000,
                       tolerance_grad=1e-13, tolerance_change=1e-16)
     return torch.softmax(student, -1)
 
