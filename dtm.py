@@ -10,7 +10,7 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
     python dtm.py --phi 1 --eta 0.1          # the main command: 10 phases, metrics + figures in runs/dtm
                                              # (417 s on 2 cores), next to the exact tilt of the base
     python dtm.py --phi 1 --eta 0.1 --control --out runs/control   # the same with no tilt
-    python dtm.py --phi 1 --eta 0.1 --shuffle_rewards --out runs/shuffle   # the tilt's noise, no signal
+    python dtm.py --phi 1 --eta 0.1 --shuffle_rewards --out runs/shuffle   # the tilt's weights, no signal
     python dtm.py --phi 0 --eta 0.1          # reward-weighted ELBO (no control variate)
     python dtm.py --states path --lr 0.006   # train at the sampler's own states (exactly self-consistent)
     python dtm.py --bench                    # cost of one DTM step vs one ELBO step
@@ -150,7 +150,7 @@ def with_prompts(prompts, comp):
 
 
 def shuffled(r, generator):
-    """--shuffle_rewards, a noise control: the rewards r (P, n) permuted among each prompt's n rollouts.
+    """--shuffle_rewards, a no-signal control: the rewards r (P, n) permuted among each prompt's n rollouts.
     A phase then tilts towards a random reweighting of the teacher's own samples, zero in expectation,
     with the weights of the real tilt (which --control's eta ~ 0 removes): their noise, and their mean,
     the refit of the teacher's samples that dtm_loss's "Centred" note describes."""
@@ -613,7 +613,7 @@ def parse(argv=None):
                    help="a control run: the same schedule and steps with eta ~ 0 (1e-6) in the loss, "
                         "to see what training alone does to the model")
     p.add_argument("--shuffle_rewards", action="store_true",
-                   help="a noise control: rewards permuted among each prompt's rollouts as they enter the "
+                   help="a no-signal control: rewards permuted among each prompt's rollouts as they enter the "
                         "buffer, so every phase tilts towards a random reweighting of the teacher's samples: "
                         "the real tilt's weights (their noise and their mean refit of the teacher's own "
                         "samples, README), with no signal")

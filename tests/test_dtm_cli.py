@@ -200,7 +200,7 @@ def test_shuffled_rewards_are_a_permutation_within_each_prompt():
 
 
 def test_shuffle_rewards_trains_on_permuted_rewards_and_measures_the_true_ones(tiny_base, tmp_path, monkeypatch):
-    """--shuffle_rewards (the noise control): in the loss, each prompt's rewards sit on other rollouts of
+    """--shuffle_rewards (the no-signal control): in the loss, each prompt's rewards sit on other rollouts of
     that prompt; the measured rows still score every rollout by its own reward. Rewards here are a
     made-up function of the completion, so that every rollout's own reward is known."""
     own = lambda comp: (torch.as_tensor(comp).long().sum(-1) % 97).float() / 100              # noqa: E731
