@@ -2,7 +2,8 @@
 evaluation protocol and the command line.
 
 The concepts it uses live one per file: `llada/model.py` (safetensors, the network, the sampler),
-`llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards, scorers),
+`llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards),
+`llada/protocols.py` (the paper's prompts and scorers, the evaluation loop),
 `llada/bench.py` (--bench) and `dtm.py: dtm_loss` (the loss). No `transformers`, no `peft`: torch and
 `tokenizers` only.
 
@@ -32,7 +33,9 @@ from llada.bench import SHAPES, auto_rollout_batch, bench
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
-from llada.tasks import PROTOCOLS, SCORERS, task_data
+from llada.protocols import PROTOCOLS, evaluate
+from llada.tasks import task_data
+from maze.mdm import Help
 
 
 # ============================================================================ SAR-aligned DTM
@@ -198,8 +201,7 @@ class Trainer:
             if a.phi != 0:
                 with torch.no_grad(), teacher_mode(self.model):
                     teacher_logits = self.model(x_t, am, where)
-        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi,
-                        log_Z=None if log_Z is None else log_Z[rows], normalise=log_Z is not None)
+        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi, log_Z=log_Z[rows])
 
     def train_step(self, eta):
         a = self.args
@@ -207,7 +209,8 @@ class Trainer:
         # e^{eta r} >= 1 >= phi, so every NLL weight (e^{eta r} - phi) / Z is >= 0 and the loss is
         # bounded (dtm.py's docstring). Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
         if a.weighting == "released":                   # the released code: r clipped at 0, e^{eta r} raw
-            r, log_Z = self.buffer["r"].clamp_min(0), None
+            r = self.buffer["r"].clamp_min(0)
+            log_Z = torch.zeros_like(r)
         else:
             r = self.buffer["r"] - self.buffer["r"].min()
             group = self.buffer["idx"] if a.z == "prompt" else None
@@ -350,33 +353,6 @@ class Trainer:
 
 
 # ============================================================================ evaluation
-@torch.no_grad()
-def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, protocol="ours"):
-    """The paper's sampling protocol: chat template, block 32, steps = gen_length / 2, temperature 0,
-    with the prompts (and prefill) of `protocol`. Every completion is scored by every scorer of
-    llada/tasks.py: SCORERS. Returns {scorer: accuracy} (Sudoku: cells; the others: questions), summed
-    over all ranks."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    P, names = PROTOCOLS[protocol], [n for n in SCORERS if n != "spg" or task == "countdown"]
-    mine = items[rank::world]
-    dev = model.ff_out.weight.device
-    ok = torch.zeros(len(names), 2, dtype=torch.float64, device=dev)
-    model.eval()
-    for j in tqdm(range(0, len(mine), batch), desc=f"{task} gen {gen_length}", disable=rank != 0):
-        chunk = mine[j:j + batch]
-        ids, am = left_pad([chat_prompt(tok, P["prompts"][task](it), P["prefill"].get(task, "")) for it in chunk],
-                           model.cfg.eos_token_id, dev)
-        with torch.autocast("cuda", torch.bfloat16, enabled=dev.type == "cuda"):
-            comp = generate(model, ids, am, gen_length, gen_length // 2, block_length, 0.0)
-        for c, it in zip(comp.tolist(), chunk):
-            text = {raw: decode(tok, c, model.cfg, raw=raw) for raw in (False, True)}
-            ok += torch.tensor([SCORERS[n][0](task, text[SCORERS[n][1]], it) for n in names],
-                               dtype=torch.float64, device=dev)
-    if world > 1:
-        dist.all_reduce(ok)
-    return {n: (ok[k, 0] / ok[k, 1].clamp_min(1)).item() for k, n in enumerate(names)}
-
-
 def run_eval(args):
     dev = torch.device(args.device)
     model = load_model(args.model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -409,12 +385,10 @@ def batch_or_auto(text):
     raise argparse.ArgumentTypeError(f"a positive integer or auto (got {text!r})")
 
 
-def parse(argv=None):
+def parser():
     presets = "\n".join(f"  {name} {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items())
                         for name, table in (("paper   ", PRESETS), ("released", RELEASED)) for t, d in table.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=type("Fmt", (argparse.ArgumentDefaultsHelpFormatter,
-                                                             argparse.RawDescriptionHelpFormatter), {}),
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
                                 epilog="presets (--preset paper: App. D.2; released: the authors' configs; a "
                                        "flag overrides its value):\n" + presets)
     p.add_argument("--model_dir", help="LLaDA checkpoint: config.json, tokenizer.json, safetensors")
@@ -442,7 +416,7 @@ def parse(argv=None):
     p.add_argument("--eval_lengths", type=int, nargs="+", default=[256, 512], help="generation lengths")
     p.add_argument("--eval_batch", type=int, default=8, help="prompts per sampling batch")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")
-    g = p.add_argument_group("DTM (None: the task's preset, App. D.2)")
+    g = p.add_argument_group("DTM (a flag with no default shown takes the task's preset: the epilog)")
     g.add_argument("--preset", choices=["paper", "released"], default="paper",
                    help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs")
     g.add_argument("--weighting", choices=["paper", "released"],
@@ -488,6 +462,11 @@ def parse(argv=None):
     s.add_argument("--seed", type=int, default=0, help="seeds data, masking, sampling (rank r: seed + r)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: bf16 weights and autocast; cpu: float32")
+    return p
+
+
+def parse(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.preset == "released" and args.task not in RELEASED:
         p.error(f"--preset released: the authors released configs for {' and '.join(RELEASED)} only")

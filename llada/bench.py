@@ -104,6 +104,8 @@ def bench(args, t):
     if args.bench_sampler:
         bench_sampler(t.model, args, batches[0], sync)
     mem = "peak GiB" if cuda else "peak RSS growth GiB (coarse)"
+    print("step times: the median of 5 warm steps, after 2 warm-up steps (`timed`); a sampling step is one "
+          "network call and its proposal, a training step one optimiser step")
     print(f"| batch | sampling step s | tokens/s at {args.tokens_per_step}/step | TFLOP/s | {mem} "
           f"| training step s | sequences/s | TFLOP/s | {mem} |\n|---|---|---|---|---|---|---|---|---|")
     for B, ss, tok_s, sf, sm, ts, seq_s, tf, tm in rows:

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from llada.model import CheckpointError, load_safetensors, save_safetensors
 
 
-def lora_linear(x, weight, A, B, scale, dropout=0.0, training=False):
-    """y = x W^T + scale * dropout(x) A^T B^T (Hu et al., 2021): the low-rank path runs on the
-    activations, so W + scale B A is never formed. A (r, in), B (out, r)."""
-    y = F.linear(x, weight)
+def lora_linear(x, weight, A, B, scale, dropout=0.0, training=False, bias=None):
+    """y = x W^T + b + scale * dropout(x) A^T B^T (Hu et al., 2021): the low-rank path runs on the
+    activations, so W + scale B A is never formed. A (r, in), B (out, r); bias (out,) or None."""
+    y = F.linear(x, weight, bias)
     h = F.dropout(x, dropout, training).to(A.dtype)
     return y + (scale * F.linear(F.linear(h, A), B)).to(y.dtype)
 
@@ -42,11 +42,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if self.use_teacher:
-            return lora_linear(x, self.base.weight, self.teacher_A, self.teacher_B, self.scale)
+            return lora_linear(x, self.base.weight, self.teacher_A, self.teacher_B, self.scale, bias=self.base.bias)
         if self.merged:
             return self.base(x)
         return lora_linear(x, self.base.weight, self.lora_A, self.lora_B, self.scale, self.dropout,
-                           self.training)
+                           self.training, self.base.bias)
 
     def delta(self):
         return (self.scale * self.lora_B @ self.lora_A).to(self.base.weight.dtype)

@@ -34,6 +34,20 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook: a dict, or DuplicateKey when a name appears twice."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def read_safetensors_header(path):
     """The validated header of a safetensors file: ({name: (dtype, shape, begin, end)}, metadata, start).
     Every offset is bounds-checked against the file size before any tensor is touched, and, as the
@@ -51,7 +65,9 @@ def read_safetensors_header(path):
     except OSError as e:
         raise CheckpointError(f"{path}: {e.strerror or e}") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:                          # JSON would keep the last silently: refuse
+        raise CheckpointError(f"{path}: the header names {e.args[0]!r} twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: the header is not valid JSON") from None
     if not isinstance(header, dict):

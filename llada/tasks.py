@@ -21,10 +21,36 @@ import torch
 from llada.model import CheckpointError
 
 
-# Every reward is total: any string in, a float out, never an exception.
+# Every reward is total: any string in, a float out, never an exception. And linear in the text: a
+# lazy regex between two tags (<answer>(.*?)</answer>) is quadratic when the closing tag is missing, as
+# it is in a long unfinished completion, so tags are found with str.find.
+def tag_spans(text, open_tag, close_tag, dotall=True):
+    """The contents of the non-overlapping open ... close pairs, left to right, each closed at the first
+    close after its open: re.findall(open + "(.*?)" + close, text, re.DOTALL if dotall else 0), in O(len).
+    Without dotall a pair may not span a newline: a start that meets one first fails, and so does every
+    start before that newline."""
+    pos, out, n = 0, [], len(text)
+    while (i := text.find(open_tag, pos)) >= 0:
+        start = i + len(open_tag)
+        nl = -1 if dotall else text.find("\n", start)
+        stop = n if nl < 0 else nl
+        j = text.find(close_tag, start, stop)
+        if j < 0 and stop == n:
+            break
+        out += [] if j < 0 else [text[start:j]]
+        pos = stop + 1 if j < 0 else j + len(close_tag)
+    return out
+
+
 def last_tag(text, tag):
-    m = re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
+    m = tag_spans(text, f"<{tag}>", f"</{tag}>")
     return m[-1] if m else None
+
+
+def first_tag(text, tag):                               # the first pair: re.search's match
+    i = text.find(f"<{tag}>")
+    j = text.find(f"</{tag}>", i + len(tag) + 2) if i >= 0 else -1
+    return text[i + len(tag) + 2:j] if j >= 0 else None
 
 
 def closing_brace(text, start):
@@ -233,7 +259,7 @@ def strip_math(s):
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac")
     s = s.replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "").replace("$", "")
-    s = re.sub(r"\\text\{\s*[^}]*\}\s*$", "", s) if not s.startswith("\\text") else s
+    s = s if s.startswith("\\text") else drop_final_text(s)
     s = s.replace("\\%", "").replace("%", "").replace(" .", " 0.").replace("{.", "{0.")
     s = "0" + s if s.startswith(".") else s
     if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:                   # "x = 5" -> "5"
@@ -245,6 +271,16 @@ def strip_math(s):
     s = "\\frac{1}{2}" if s == "0.5" else s
     m = re.fullmatch(r"(-?\d+)/(\d+)", s)
     return f"\\frac{{{m[1]}}}{{{m[2]}}}" if m else s
+
+
+def drop_final_text(s):
+    """re.sub(r"\\\\text\\{\\s*[^}]*\\}\\s*$", "", s) in O(len): a final \\text{...} (only whitespace after
+    its '}', which is the last '}') goes, from the first \\text{ after the '}' before it."""
+    b = s.rfind("}")
+    if b < 0 or s[b + 1:].strip():
+        return s
+    i = s.find("\\text{", s.rfind("}", 0, b) + 1)
+    return s[:i] if 0 <= i and i + 6 <= b else s
 
 
 def math_equiv(a, b):
@@ -281,11 +317,32 @@ def format_terms(text, structure=True):
             if text.count(t) == 1)
     if text.count("\n</answer>") == 1:
         r -= 0.001 * len(text.split("\n</answer>")[-1].strip())             # trailing text
-    if structure:                                       # soft, then strict
-        r += 0.5 * bool(re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", text, re.DOTALL))
-        r += 0.5 * bool(re.match(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", text,
-                                 re.DOTALL))
+    if structure:
+        r += 0.5 * soft_format(text) + 0.5 * strict_format(text)
     return r
+
+
+def soft_format(text):
+    """re.match(r"<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>", text, re.DOTALL), in O(len)."""
+    if not text.startswith("<reasoning>"):
+        return False
+    k = text.find("</reasoning>", 11)
+    while k >= 0:                                       # the first </reasoning> that <answer> follows
+        a = k + 12
+        while a < len(text) and text[a].isspace():      # \s is str.isspace
+            a += 1
+        if text.startswith("<answer>", a):
+            return text.find("</answer>", a + 8) >= 0
+        k = text.find("</reasoning>", k + 1)
+    return False
+
+
+def strict_format(text):
+    """re.match(r"^<reasoning>\\n.*?\\n</reasoning>\\n<answer>\\n.*?\\n</answer>\\n?$", text, re.DOTALL),
+    in O(len): $ also matches before a final newline, so the text may end in up to two."""
+    mid = text.find("\n</reasoning>\n<answer>\n", 12) if text.startswith("<reasoning>\n") else -1
+    ends = [len(text) - len(t) for t in ("\n</answer>", "\n</answer>\n", "\n</answer>\n\n") if text.endswith(t)]
+    return mid >= 0 and any(mid + 23 <= e for e in ends)
 
 
 def gsm8k_answer(text):
@@ -326,186 +383,11 @@ def accuracy(task, text, item):
     return float(math_equiv(last_boxed(text), item["answer"])), 1
 
 
-# ============================================================================ the paper's protocol
-# Table 1's numbers come from the published evaluation code: the DTM authors' prompts and parsers for
-# Countdown and Sudoku (no prefill; Sudoku 3-shot), SPG's for GSM8K and MATH500 (a "<reasoning>" prefill
-# after the assistant header). The scorers read the raw decoded completion, special tokens included.
-# Written from their documented behaviour (../shared/LLADA.md, issue notes); none of their code is used.
-PAPER_FORMAT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
-PAPER_SUDOKU_SYSTEM = (
-    "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading "
-    "left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n- Fill empty cells with digits "
-    "1-4\n- Each row must contain digits 1-4 exactly once\n- Each column must contain digits 1-4 exactly once\n"
-    "- Each 2x2 box must contain digits 1-4 exactly once\n\nImportant: Your solution must be a COMPLETE "
-    "16-character string with only the digits 1-4, representing your final solved grid.\n\nRespond in this "
-    "exact format:\n<reasoning>\nYour step-by-step solving process\n</reasoning>\n<answer>\n[16-character "
-    "solution string with no spaces or separators]\n</answer>\n")
-PAPER_SUDOKU_REASONING = [             # the worked reasoning of the 3 exemplars (SUDOKU_SHOTS), in order
-    "Fill easy singles:\nR1 missing 2 → R1C2=2.\nR4 missing 2 → R4C4=2.\nBox D (R3-4,C3-4) then needs "
-    "{1,4}; column4 can only accept 1 → R3C4=1, R3C3=4.\nR3 now missing 3 → R3C2=3.\nColumn1 missing 1 → "
-    "R2C1=1.\nColumn2 missing 4 → R2C2=4.\nLast cell R2C4=3.\n",
-    "Fill easy singles:\nCol1 missing 4 → R1C1=4.\nCol4 missing 3 → R1C4=3.\nBox A (R1-2,C1-2) missing "
-    "{2,3} and R1 now needs {1,2} → R1C2=2, R2C2=3.\nR1C3=1.\nR2 now missing 2 → R2C3=2.\nCol2 missing 4 → "
-    "R3C2=4, then R3C3=3.\n",
-    "Fill easy singles:\nR1 missing {3,4}; Col2 can't be 1 so R1C2=3 → R1C3=4.\nR4 missing 3 → R4C4=3.\n"
-    "Col4 missing {2,4}; R2 must take 2 → R2C4=2 → R2C2=1.\nCol1 missing 3 → R3C1=3.\nCol3 missing 1 → "
-    "R3C3=1 → R3C4=4.\n"]
-PREFILL = dict(gsm8k="<reasoning>", math="<reasoning>")        # appended after the chat template (SPG)
-
-
-def grid_rows(g):
-    return "\n".join(f"R{r + 1}: {' '.join(g[4 * r:4 * r + 4])}" for r in range(4))
-
-
-def paper_sudoku_prompt(item):
-    shots = "\n\n".join(
-        f"Question:\nSolve the following Sudoku puzzle: {p}\nAnswer:\n<reasoning>\nInterpret puzzle as 4 rows "
-        f"of 4:\n{grid_rows(p)}\n\n{why}\nFinal grid:\n{grid_rows(s)}\n</reasoning>\n<answer>\n{s}\n</answer>"
-        for (p, s), why in zip(SUDOKU_SHOTS, PAPER_SUDOKU_REASONING))
-    question = f"Question: Solve the following Sudoku puzzle: {item['puzzle']}\nAnswer:\n"
-    return f"{PAPER_SUDOKU_SYSTEM}\n\n{shots}\n\n{question}"
-
-
-def paper_countdown_prompt(item):
-    return (f"{PAPER_FORMAT}\nUsing only the numbers {list(item['numbers'])}, create an arithmetic expression "
-            f"that evaluates to exactly {item['target']}. You must use all numbers from the list, and each number "
-            f"must be used exactly once. You may use the operations +, -, *, and / as needed. After reasoning, "
-            f"provide only your final expression inside <answer></answer> tags without including an equals sign "
-            f"or the target number. For example, if the numbers are [2, 3, 4] and the target is 5, a valid answer "
-            f"is: <answer>\n2*4-3\n</answer>")
-
-
-def paper_math_prompt(item):           # SPG's; the paper's Fig. 8 text was not available to us
-    return MATH_PROMPT.replace("\\boxed{}.\n", "\\boxed{}. \n").rstrip("\n") + "\n\n" + item["question"]
-
-
-def first_answer(text):
-    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
-    return m.group(1).strip() if m else None
-
-
-def first_number(s, last=False):
-    """SPG's number reading: the whole string as a float, else its first (or last) number."""
-    try:
-        return float(s)
-    except (ValueError, OverflowError):
-        m = re.findall(r"-?\d+\.?\d*", s)
-        return float(m[-1 if last else 0]) if m else None
-
-
-def paper_gsm8k_answer(text):
-    """SPG: the first non-empty \\boxed{...} up to its first '}', else the first <answer>, else the text after
-    the last <answer> (an unclosed one too), each as a number."""
-    for b in re.findall(r"\\boxed{(.*?)}", text):
-        b = b.strip()
-        if b and not re.fullmatch(r"\.+", b) and (v := first_number(b)) is not None:
-            return v
-    ans = first_answer(text)
-    if ans and (v := first_number(ans, last=True)) is not None:
-        return v
-    rest = text.split("<answer>")[-1].split("</answer>")[0].strip()
-    return first_number(rest, last=True) if rest else None
-
-
-def spg_last_boxed(text):
-    """d1/SPG's `remove_boxed(last_boxed_only_string(text))`: the content of the last \\boxed{...}, the whole
-    text when it has no \\boxed, None when the last one is never closed."""
-    if "\\boxed " in text:
-        return text.split("\\boxed ")[-1].split("$")[0]
-    i = text.rfind("\\boxed") if "\\boxed" in text else text.rfind("\\fbox")
-    if i < 0:
-        return text
-    j = closing_brace(text, i)
-    if j is None:
-        return None
-    box = text[i:j + 1]
-    return box[7:-1] if box.startswith("\\boxed{") else box
-
-
-def paper_math_answer(text):
-    """SPG: the last \\boxed{...} (a text with no \\boxed is its own answer); an unclosed one falls back to
-    the first <answer>."""
-    box = spg_last_boxed(text)
-    return box if box else first_answer(text)
-
-
-def countdown_correct(eq, item):
-    """The baselines' check of an extracted expression: LaTeX operators mapped, the part before '= value' if
-    there is one; the right numbers, allowed characters only, |value - target| < 1e-5."""
-    eq = eq.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*")
-    m = re.search(r"([0-9+\-*/() ]+)=[0-9. ]+", eq)
-    eq = m.group(1).strip() if m else eq
-    if not uses_exactly(eq, item["numbers"]) or not re.match(r"^[\d+\-*/().\s]+$", eq):
-        return False
-    v = arith(eq, python=True)
-    return v is not None and abs(v - item["target"]) < 1e-5
-
-
-def paper_countdown_correct(text, item):
-    """The DTM authors' parser: the first <answer>, else the whole text."""
-    ans = first_answer(text)
-    return countdown_correct(text if ans is None else ans, item)
-
-
-def spg_countdown_correct(text, item):
-    """SPG's parser: the last \\boxed{} (the whole text if there is none); if it is never closed, the first
-    <answer>, else the whole text."""
-    eq = spg_last_boxed(text)
-    if eq is None:
-        eq = first_answer(text)
-    return countdown_correct(text if eq is None else eq, item)
-
-
-def paper_sudoku_cells(text, item):
-    """The DTM authors' (= SPG's) cascade: the first of five patterns that yields text, whitespace removed,
-    separators kept, padded or cut to 16 characters."""
-    patterns = [r"<answer>.*?```\s*([\d\s]+)```", r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",
-                r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)", r".*?(\d{16})\s*</answer>", r"\b(\d{16})\b"]
-    empty = [i for i, ch in enumerate(item["puzzle"]) if ch == "0"]
-    for pat in patterns:
-        m = re.search(pat, text, re.DOTALL)
-        if m and m.group(1).strip():
-            ans = (re.sub(r"\s", "", m.group(1)) + "0" * 16)[:16]
-            return sum(ans[i] == item["solution"][i] for i in empty), len(empty)
-    return 0, len(empty)
-
-
-def paper_accuracy(task, text, item):
-    """(correct, total) as the published evaluation code scores the raw completion."""
-    if task == "sudoku":
-        return paper_sudoku_cells(text, item)
-    if task == "countdown":
-        return float(paper_countdown_correct(text, item)), 1
-    if task == "gsm8k":
-        v, gold = paper_gsm8k_answer(text), number(gsm8k_gold(item))
-        return float(v is not None and v == gold), 1
-    return float(math_equiv(paper_math_answer(text), item["answer"])), 1
-
-
-def paper_gsm8k_reward(text, item):
-    """GSM8K's reward without the soft and strict format terms, which the paper removed."""
-    return gsm8k_reward(text, item, structure=False)
-
-
-# ============================================================================ the protocols and data files
 REWARDS = dict(sudoku=sudoku_reward, countdown=countdown_reward, gsm8k=gsm8k_reward, math=math_reward)
 PROMPTS = dict(sudoku=sudoku_prompt, countdown=countdown_prompt, gsm8k=math_prompt, math=math_prompt)
-PAPER_REWARDS = dict(REWARDS, gsm8k=paper_gsm8k_reward)
-PAPER_PROMPTS = dict(sudoku=paper_sudoku_prompt, countdown=paper_countdown_prompt, gsm8k=paper_math_prompt,
-                     math=paper_math_prompt)
-PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, prefill={}),
-                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, prefill=PREFILL))
 
 
-def spg_accuracy(task, text, item):
-    """SPG's scorer: the paper's, but for Countdown's parser (the last \\boxed{}, not the first <answer>)."""
-    return (float(spg_countdown_correct(text, item)), 1) if task == "countdown" else paper_accuracy(task, text, item)
-
-
-# name: (scorer, reads the raw completion); evaluation reports each (SPG's only where it differs: Countdown)
-SCORERS = dict(ours=(accuracy, False), paper=(paper_accuracy, True), spg=(spg_accuracy, True))
-
-
+# ============================================================================ data files
 def read_jsonl(path, what, fields=("question", "answer")):
     if not path:
         raise CheckpointError(f"{what} needs a local JSONL file (one object per line); nothing is downloaded")

@@ -139,6 +139,15 @@ def encode(prompt, path, length):
     return np.array([s, g, SEP] + list(path) + [PAD] * (length - len(path)), dtype=np.int64)
 
 
+def with_prompts(prompts, comp):
+    """Whole sequences [s, g, SEP, c_1 .. c_L] (P, n, 3 + L) from completions comp (P, n, L) of the P prompts."""
+    import torch
+    comp = torch.as_tensor(comp)
+    P, n, _ = comp.shape
+    pr = torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, n, 2)
+    return torch.cat([pr, torch.full((P, n, 1), SEP), comp], 2)
+
+
 def score(wall, completions, prompts):
     """Vectorised validity and reward of a batch.
 
@@ -178,14 +187,17 @@ def reward(wall, path, s, g):
     return float(score(wall, [list(path)], [(s, g)])[1][0])
 
 
-def diversity(completions, prompt_ids, valid):
-    """Distinct valid paths per prompt and distinct cells they cover per prompt (both averaged)."""
+def diversity(completions, prompt_ids, valid, per_prompt=False):
+    """Distinct valid paths per prompt and distinct cells they cover per prompt: both averaged over
+    the prompts, or (per_prompt=True) as arrays with one entry per prompt."""
     x, prompt_ids, valid = np.asarray(completions), np.asarray(prompt_ids), np.asarray(valid)
     distinct, cells = [], []
     for p in np.unique(prompt_ids):
         rows = x[(prompt_ids == p) & valid]
         distinct.append(len({tuple(row) for row in rows.tolist()}))
         cells.append(len(np.unique(rows[rows < N_CELLS])))
+    if per_prompt:
+        return np.array(distinct, dtype=np.float64), np.array(cells, dtype=np.float64)
     return float(np.mean(distinct)), float(np.mean(cells))
 
 

@@ -4,8 +4,9 @@ A run writes its rollouts at every measured tilt a to OUT/rollouts_a{a}.npy (`ro
 history to OUT/metrics.json; from them:
   - `plot_run`:   rollouts_*.png (the first rollouts of 4 prompts before and after), rollouts_*.gif
                   (the same as a goes up) and curves_*.png (validity, reward and diversity against a,
-                  next to the exact tilt of the base, with ±1 standard-error bands);
-  - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `dtm.py --sweep`.
+                  next to the exact tilt of the base, with ±1 standard-error bands and bars);
+  - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `python -m maze.experiments
+                  sweep`, rows and columns labelled, with every prompt's valid share under each panel.
 """
 import os
 
@@ -55,15 +56,18 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
     fig.tight_layout()
     fig.savefig(os.path.join(figures, f"rollouts_{tag}.png"), dpi=90)
     plt.close(fig)
-    fig, axes = plt.subplots(1, show, figsize=(3.3 * show, 3.7), squeeze=False)
+    fig, axes = plt.subplots(1, show, figsize=(3.3 * show, 3.9), squeeze=False)
 
     def frame(h):
         for ax in axes[0]:
             ax.clear()
         draw_rollouts(axes[0], rollouts_file(out, h["a"]), h["a"], wall, prompts, M, "tab:red")
-        fig.suptitle(f"{title}: a = {h['a']:.1f}, validity {h['validity']:.2f} (exact tilt {h['exact_validity']:.2f})")
+        axes[0][0].legend(loc="lower left", fontsize=8, framealpha=0.9)
+        fig.suptitle(f"{title}: a = {h['a']:.1f}, validity {h['validity']:.2f} (exact tilt {h['exact_validity']:.2f})"
+                     f"; the valid ones of {M} rollouts per prompt drawn", fontsize=11)
+        fig.tight_layout()
     FuncAnimation(fig, frame, frames=history).save(os.path.join(figures, f"rollouts_{tag}.gif"),
-                                                   writer=PillowWriter(fps=2), dpi=72)
+                                                   writer=PillowWriter(fps=2), dpi=110)
     plt.close(fig)
     a = np.array([h["a"] for h in history])
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
@@ -85,8 +89,11 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
         ax.set_title(head, fontsize=9)
         ax.set_xlabel("tilt a")
         ax.legend(fontsize=7)
-    axes[2].plot(a, [h["distinct_valid_per_prompt"] for h in history], "o-", color="tab:red", ms=3)
-    axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt", fontsize=9)
+    d = np.array([h["distinct_valid_per_prompt"] for h in history])
+    d_se = np.array([h.get("distinct_valid_per_prompt_se", np.nan) for h in history])
+    axes[2].errorbar(a, d, yerr=d_se, fmt="o-", color="tab:red", ms=3, capsize=2)
+    axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt\n(bars: ±1 SE over the 8 prompts)",
+                      fontsize=9)
     axes[2].set_xlabel("tilt a")
     fig.suptitle(f"{title} (bands: ±1 standard error)")
     fig.tight_layout()
@@ -94,23 +101,31 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
     plt.close(fig)
 
 
-def plot_sweep(panels, base_path, wall, prompts, per_prompt, title, png):
+def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, png):
     """A grid of prompt 0's rollouts: the base's (in base_path) top left, then one panel per run,
-    panels = [(path of its last rollouts, their tilt a, (row, column), label)]; empty cells blank."""
+    panels = [(path of its last rollouts, their tilt a, (row, column), label)]; rows and cols are the
+    grid's labels. Under each panel, the valid share of every prompt's rollouts; empty cells blank."""
     plt = pyplot()
-    rows, cols = max(i for _, _, (i, _), _ in panels) + 1, max(j for _, _, (_, j), _ in panels) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.2 * rows), squeeze=False)
+    R, C = len(rows), len(cols)
+    fig, axes = plt.subplots(R, C, figsize=(3.2 * C, 4.0 * R), squeeze=False)
     used = {(0, 0)} | {cell for _, _, cell, _ in panels}
     for (i, j), ax in np.ndenumerate(axes):
         if (i, j) not in used:
             ax.axis("off")
-    draw_rollouts([axes[0, 0]], base_path, 0.0, wall, prompts, per_prompt, "tab:gray")
-    axes[0, 0].set_title("the base\n" + axes[0, 0].get_title(), fontsize=9)
-    for path, a, (i, j), label in panels:
-        draw_rollouts([axes[i, j]], path, a, wall, prompts, per_prompt, "tab:red", legend=False)
-        axes[i, j].set_title(f"{label}\n{axes[i, j].get_title()}", fontsize=9)
-    fig.suptitle(f"{title}: {per_prompt} rollouts of prompt 0")
+    for path, a, (i, j), label in [(base_path, 0.0, (0, 0), "")] + panels:
+        x, ids, valid = load_rollouts(path, wall, prompts)
+        draw_rollouts([axes[i, j]], path, a, wall, prompts, per_prompt, "tab:gray" if j == 0 else "tab:red",
+                      legend=(i, j) == (0, 0))
+        share = " ".join(f"{valid[ids == p].mean():.2f}" for p in range(len(prompts)))
+        axes[i, j].set_title(f"{label}\nprompt 0, a = {a:g}: {valid[ids == 0][:per_prompt].sum()}/"
+                             f"{min(per_prompt, (ids == 0).sum())} valid drawn".strip(), fontsize=8)
+        axes[i, j].set_xlabel(f"valid share, prompts 0-{len(prompts) - 1}:\n{share}", fontsize=6.5)
+    for j, c in enumerate(cols):
+        axes[0, j].annotate(c, (0.5, 1.28), xycoords="axes fraction", ha="center", fontsize=10, weight="bold")
+    for i, r in enumerate(rows):
+        axes[i, 0].set_ylabel(r, fontsize=10, weight="bold")
+    fig.suptitle(title, y=1.0)
     fig.tight_layout()
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-    fig.savefig(png, dpi=90)
+    fig.savefig(png, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -16,6 +16,7 @@ output layer is tied to it, so the net starts with a sense of which cells are ne
     python -m maze.mdm --eval maze/base.pt                  # validity / reward of 512 rollouts
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -283,6 +284,44 @@ def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", 
     return metrics, x, ids, reward, rank
 
 
+def reference_path(ckpt, per_prompt, temperature=1.0, order="random", steps=None):
+    """Where `cached_rollouts` keeps the rollouts of checkpoint `ckpt`: a name made from a digest of its
+    bytes and of the sampler's settings, beside it."""
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"checkpoint not found: {ckpt}")
+    digest = hashlib.sha256()
+    with open(ckpt, "rb") as f:
+        digest.update(f.read())
+    digest.update(f"{per_prompt} {temperature:g} {order} {steps}".encode())
+    return f"{os.path.splitext(ckpt)[0]}_reference_{digest.hexdigest()[:8]}.npz"
+
+
+def cached_rollouts(ckpt, wall, prompts, per_prompt, temperature=1.0, order="random", steps=None, device="cpu",
+                    seed=1234):
+    """per_prompt rollouts of checkpoint `ckpt` for every prompt, drawn once with `seed` and cached at
+    `reference_path` (atomically). Returns completions (P, n, L), env's reward (P, n), valid (P, n), numpy."""
+    path = reference_path(ckpt, per_prompt, temperature, order, steps)
+    if not os.path.isfile(path):
+        t0 = time.time()
+        tqdm.write(f"drawing {per_prompt} rollouts per prompt of {ckpt}, once -> {path}")
+        model = load(ckpt, device)[0].eval()
+        _, comp, _, r, _ = evaluate(model, wall, prompts, per_prompt, temperature, order, steps,
+                                    generator=torch.Generator(device).manual_seed(seed), progress=True)
+        P = len(prompts)
+        tmp = path + ".part.npz"
+        np.savez_compressed(tmp, completions=comp.reshape(P, per_prompt, -1).astype(np.int16),
+                            reward=np.asarray(r, dtype=np.float32).reshape(P, per_prompt),
+                            valid=(np.asarray(r) > env.INVALID_REWARD).reshape(P, per_prompt))
+        os.replace(tmp, path)                                          # atomic: never half a file
+        tqdm.write(f"  {P * per_prompt} rollouts in {time.time() - t0:.0f} s")
+    try:
+        z = np.load(path)
+        return z["completions"].astype(np.int64), z["reward"], z["valid"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read cached rollouts {path} ({type(e).__name__}); delete it "
+                              "and they are drawn again") from None
+
+
 def rollout_metrics(wall, prompts, x, ids):
     """Validity, mean reward and diversity of completions x (B, L) of prompts[ids]; and each reward."""
     valid, reward, _ = env.score(wall, x, np.asarray(prompts)[ids])
@@ -360,16 +399,22 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
     return model, info
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help that shows each flag's default, except where there is none to show."""
+class Help(argparse.RawDescriptionHelpFormatter):
+    """The --help of dtm.py, maze/mdm.py, maze/experiments.py and llada_finetune.py: each flag's default
+    after its help, 0 included; none where there is nothing to show (None, a store_true's False) or
+    where the help already names it. Descriptions and epilogs keep their own line breaks."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "(default" in text or not action.option_strings:
+            return text
+        d = action.default
+        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"             # help strings are %-formatted
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description="Pretrain or evaluate the tiny maze MDM (ELBO, eq. 5).",
                                 formatter_class=Help)
     p.add_argument("--steps", type=int, default=2400, help="pretraining steps (1332 s measured on 2 CPU cores)")
@@ -388,7 +433,11 @@ def main(argv=None):
     p.add_argument("--sample_steps", type=int, default=64, help="sampling steps (64 = one token per step)")
     p.add_argument("--seed", type=int, default=0, help="seeds pretraining and the evaluation rollouts")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     torch.manual_seed(a.seed)
     if a.eval:
         try:

@@ -113,8 +113,9 @@ def expected_loss(student, teacher, p_a, r_of, eta, phi, centred=False):
     x1r, mask, w, cells = masked_batch(X)
     P = len(PATTERNS)
     log_Z = (p_a * torch.exp(eta * r_of)).sum().log().expand(len(x1r))
+    phi = phi * log_Z.exp() if centred else phi                       # --centred: eq. 17's coefficient phi Z
     loss = dtm_loss(student[cells], teacher[cells], x1r, mask, r_of.repeat_interleave(P),
-                    w * p_a.repeat_interleave(P), eta, phi, log_Z=log_Z, centred=centred)
+                    w * p_a.repeat_interleave(P), eta, phi, log_Z=log_Z)
     return loss * len(x1r)                                             # dtm_loss divides by the rows
 
 
@@ -206,12 +207,12 @@ def subspace(p0, k, seed=0):
 
 
 def expected_path_loss(student, teacher, r_of, eta, phi):
-    """The DTM loss at the sampler's own states (dtm.py --states path) in exact expectation: every
+    """The DTM loss at the sampler's own states (maze/experiments.py --states path) in exact expectation: every
     path (x, order) with its probability under the teacher, every step of it, the token revealed."""
     path_p = path_law(teacher)
     Z = (path_p.sum(1) * torch.exp(eta * r_of)).sum()
     loss = dtm_loss(student[PATH_CELLS], teacher[PATH_CELLS], PATH_X1, PATH_MASK, r_of[PATH_SEQ],
-                    path_p[..., None].expand(-1, -1, L).flatten(), eta, phi, normalise=False)
+                    path_p[..., None].expand(-1, -1, L).flatten(), eta, phi, log_Z=torch.zeros(len(PATH_X1)))
     return loss * len(PATH_X1) / Z
 
 

@@ -1,14 +1,13 @@
-"""tests/capacity.py: the widened network computes the same function, and the freeze trains only what it names."""
+"""maze/capacity.py: the widened network computes the same function, and the freeze trains only what it names."""
 import os
 
 import numpy as np
 import torch
 
-import capacity
 import dtm
-from maze import env
+from maze import capacity, env
 from maze.mdm import MDM, Config, load, mask_completions, save
-from test_dtm_cli import TINY
+from test_dtm_cli import FAST, TINY, parse
 
 
 def test_widening_the_mlp_keeps_the_function_and_only_the_new_output_weights_have_a_gradient():
@@ -27,7 +26,7 @@ def test_widening_the_mlp_keeps_the_function_and_only_the_new_output_weights_hav
 
 def test_train_mode_moves_only_the_named_parameters(tiny_base, tmp_path):
     out = str(tmp_path / "run")
-    capacity.main(["train", "blocks.0.mlp", "--", *TINY, "--base", tiny_base, "--out", out])
+    capacity.main(["train", "blocks.0.mlp", "--", *TINY, *FAST, "--base", tiny_base, "--out", out])
     assert dtm.load is capacity.load                                   # the patch is undone
     base, trained = load(tiny_base)[0].state_dict(), load(os.path.join(out, "state.pt"))[0].state_dict()
     moved = {k for k in base if not torch.equal(base[k], trained[k])}
@@ -37,10 +36,10 @@ def test_train_mode_moves_only_the_named_parameters(tiny_base, tmp_path):
 def test_widen_mode_reuses_the_bases_reference_as_its_exact_tilt(tiny_base, tmp_path):
     base = str(tmp_path / "base.pt")
     save(load(tiny_base)[0], base)
-    args = dtm.parse(TINY + ["--base", base])
+    args = parse(TINY + ["--base", base])
     wall = env.make_maze()
     ref = dtm.base_reference(base, wall, env.make_prompts(wall), args.reference_per_prompt, args)
     out = str(tmp_path / "wide")
-    history = capacity.main(["widen", "8", "--", *TINY, "--base", base, "--out", out])
+    history = capacity.main(["widen", "8", "--", *TINY, *FAST, "--base", base, "--out", out])
     assert load(os.path.join(out, "base_mlp8.pt"))[0].cfg.mlp_ratio == 8
     assert history[0]["validity"] == np.mean(ref[2])                   # a = 0 is the base's reference

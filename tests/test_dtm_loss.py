@@ -90,8 +90,8 @@ def test_minimising_expected_dtm_loss_over_free_logits_recovers_tilted_posterior
     def closure():
         opt.zero_grad()
         logits = table[state[where[:, 0]], where[:, 1]]
-        # normalise=False: Z is one constant here, and E_a needs the p_a-weighted mean, not the batch's
-        loss = dtm_loss(logits, teacher_logits, x1, mask, r_b, tw, eta, phi, normalise=False)
+        # log Z = 0: Z is one constant here, and E_a needs the p_a-weighted mean, not the batch's
+        loss = dtm_loss(logits, teacher_logits, x1, mask, r_b, tw, eta, phi, log_Z=torch.zeros_like(r_b))
         loss.backward()
         return loss
 
@@ -179,7 +179,7 @@ def test_phi0_weights_are_invariant_to_a_constant_added_to_the_reward():
     after = dtm_loss(logits, None, x1, mask, reward + 37.0, tw, 0.9, 0.0, group)
     torch.testing.assert_close(before, after, rtol=1e-12, atol=0)
     # without Z the shift changes the loss, so the invariance above is Z's doing
-    raw = dtm_loss(logits, None, x1, mask, reward + 37.0, tw, 0.9, 0.0, group, normalise=False)
+    raw = dtm_loss(logits, None, x1, mask, reward + 37.0, tw, 0.9, 0.0, group, log_Z=torch.zeros_like(reward))
     assert not torch.isclose(raw, before)
 
 
@@ -192,6 +192,12 @@ def test_phi1_control_variate_is_not_shift_invariant():
     assert not torch.isclose(before, after)
 
 
+def centred(logits, teacher, x1, mask, reward, tw, eta, phi, group):
+    """maze/experiments.py --centred: eq. 17's coefficient phi Z, a function of the prompt (the group)."""
+    log_Z = group_log_mean_exp(eta * reward, group)
+    return dtm_loss(logits, teacher, x1, mask, reward, tw, eta, phi * torch.exp(log_Z), group, log_Z)
+
+
 def test_centred_control_variate_is_shift_invariant_and_its_nll_weights_average_to_1_minus_phi():
     """--centred: distillation weight phi, NLL weight e^{eta r} / Z - phi. Adding c to r scales e^{eta r}
     and Z alike, so nothing changes; and over each group the NLL weights average to 1 - phi (zero at
@@ -199,8 +205,8 @@ def test_centred_control_variate_is_shift_invariant_and_its_nll_weights_average_
     x1, mask, logits, reward, tw, group = random_batch()
     teacher = logits.flip(-1)
     for phi in (0.5, 1.0):
-        before = dtm_loss(logits, teacher, x1, mask, reward, tw, 0.9, phi, group, centred=True)
-        after = dtm_loss(logits, teacher, x1, mask, reward + 3.0, tw, 0.9, phi, group, centred=True)
+        before = centred(logits, teacher, x1, mask, reward, tw, 0.9, phi, group)
+        after = centred(logits, teacher, x1, mask, reward + 3.0, tw, 0.9, phi, group)
         torch.testing.assert_close(before, after, rtol=1e-12, atol=0)
     # one token per sequence; the teacher is sure of a token y != x1, the student gives y logit 2:
     # then NLL = A and CE = B for every row, and loss = A mean(NLL weight) + B phi
@@ -213,7 +219,7 @@ def test_centred_control_variate_is_shift_invariant_and_its_nll_weights_average_
     A = math.log(V - 1 + math.e ** 2)
     B = A - 2.0
     for phi in (0.0, 0.5, 1.0):
-        loss = dtm_loss(student, teacher, x1, one, reward, ones, 0.9, phi, group, centred=True)
+        loss = centred(student, teacher, x1, one, reward, ones, 0.9, phi, group)
         torch.testing.assert_close((loss - B * phi) / A, torch.tensor(1 - phi, dtype=torch.float64),
                                    rtol=0, atol=1e-12)
     paper = dtm_loss(student, teacher, x1, one, reward, ones, 0.9, 1.0, group)

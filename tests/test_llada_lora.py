@@ -22,6 +22,18 @@ def test_lora_at_init_equals_the_base_and_only_adapters_train(tiny):
 
 
 
+def test_lora_keeps_the_bias_of_a_layer_that_has_one_merged_or_not():
+    """LLaDA's projections have no bias, but a copied lora_linear may meet one: it must not drop it."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(6, 5).double(), r=2, alpha=4, dropout=0.0).double()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = layer.base(x) + 2.0 * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_merge_equals_the_unmerged_forward_and_unmerge_restores_the_base(tiny):
     # float64, so that the only difference left is the order of the sums (W + BA)x vs Wx + B(Ax)
     model = lora.add_lora(lm.load_model(tiny[0]), r=4, alpha=8, dropout=0.0).double()

@@ -133,6 +133,16 @@ def test_bad_safetensors_files_raise_a_clear_error(tmp_path, case, header, data,
         lm.load_safetensors(write_raw(tmp_path / "bad.safetensors", header, data))
 
 
+def test_a_header_that_names_a_tensor_twice_is_refused_not_read_as_the_last(tmp_path):
+    """JSON keeps the last of two equal keys, so such a file would load one tensor and hide the other."""
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    raw = ('{"w": ' + entry + ', "w": ' + entry + '}').encode()
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(lm.CheckpointError, match="names 'w' twice"):
+        lm.load_safetensors(str(path))
+
+
 def test_truncated_file_and_header_past_eof_raise_a_clear_error(tmp_path):
     good = str(tmp_path / "good.safetensors")
     lm.save_safetensors({"w": torch.randn(64)}, good)

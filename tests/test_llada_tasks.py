@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+import llada.protocols as protocols
 import llada.tasks as tasks
 
 
@@ -96,8 +97,8 @@ def test_every_reward_and_scorer_of_both_protocols_is_total_on_1000_garbage_stri
         for task, item in items.items():
             assert isinstance(tasks.REWARDS[task](s, item), float)
             assert len(tasks.accuracy(task, s, item)) == 2
-            assert isinstance(tasks.PAPER_REWARDS[task](s, item), float)                 # the paper's protocol
-            assert all(len(score(task, s + "<|eot_id|>", item)) == 2 for score, _ in tasks.SCORERS.values())
+            assert isinstance(protocols.PAPER_REWARDS[task](s, item), float)                 # the paper's protocol
+            assert all(len(score(task, s + "<|eot_id|>", item)) == 2 for score, _ in protocols.SCORERS.values())
 
 
 
@@ -106,7 +107,7 @@ def test_a_5000_digit_countdown_answer_is_wrong_not_an_error():
     item, huge = dict(numbers=[3, 5, 7], target=22), "<answer>" + "1" * 5000 + "</answer>"
     assert tasks.countdown_reward(huge, item) == 0.1
     assert tasks.accuracy("countdown", huge, item) == (0.0, 1)
-    assert tasks.paper_accuracy("countdown", huge, item) == (0.0, 1)
+    assert protocols.paper_accuracy("countdown", huge, item) == (0.0, 1)
 
 
 def test_division_by_zero_is_no_answer_and_fractions_are_fractions():
@@ -161,29 +162,29 @@ def test_sudoku_csv_is_read_and_a_leaking_training_file_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- the paper's protocol
 def test_paper_prompts_are_the_published_ones():
-    cd = tasks.paper_countdown_prompt(dict(numbers=[30, 100, 93], target=23))
+    cd = protocols.paper_countdown_prompt(dict(numbers=[30, 100, 93], target=23))
     assert cd.startswith("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n")
     assert "Using only the numbers [30, 100, 93], create an arithmetic expression that evaluates to exactly 23." in cd
     assert cd.endswith("a valid answer is: <answer>\n2*4-3\n</answer>")
-    sd = tasks.paper_sudoku_prompt(dict(puzzle="1234000000000000"))
+    sd = protocols.paper_sudoku_prompt(dict(puzzle="1234000000000000"))
     assert sd.count("Question:\nSolve the following Sudoku puzzle: ") == 3                     # 3 exemplars
     assert "R1: 3 0 1 4\nR2: 0 0 2 0\nR3: 2 0 0 0\nR4: 4 1 3 0\n\nFill easy singles:" in sd
     assert "Final grid:\nR1: 2 3 4 1\nR2: 4 1 3 2\nR3: 3 2 1 4\nR4: 1 4 2 3\n</reasoning>" in sd
     assert sd.endswith("</answer>\n\nQuestion: Solve the following Sudoku puzzle: 1234000000000000\nAnswer:\n")
-    assert tasks.paper_math_prompt(dict(question="Q?")).endswith("\\boxed{...}\n</answer>\n\nQ?")
-    assert "a \\boxed{}. \nRespond" in tasks.paper_math_prompt(dict(question="Q?"))
+    assert protocols.paper_math_prompt(dict(question="Q?")).endswith("\\boxed{...}\n</answer>\n\nQ?")
+    assert "a \\boxed{}. \nRespond" in protocols.paper_math_prompt(dict(question="Q?"))
 
 
 def test_paper_countdown_scorer_takes_the_first_answer_and_the_part_before_equals():
     item = dict(numbers=[3, 5, 7], target=22)
-    score = lambda text: tasks.paper_accuracy("countdown", text, item)[0]                    # noqa: E731
+    score = lambda text: protocols.paper_accuracy("countdown", text, item)[0]                    # noqa: E731
     assert score("<answer>3*5+7 = 22</answer>") == 1.0                     # ours: 0 (an '=' in the answer)
     assert tasks.accuracy("countdown", "<answer>3*5+7 = 22</answer>", item)[0] == 0.0
     assert score("<answer>3*5+7</answer> then <answer>3+5+7</answer>") == 1.0           # the first answer
     assert score("3 \\times 5 + 7") == 1.0 and score("so: 3*5+7") == 0.0   # no tags: the whole text
     assert score("<answer>3*5-7</answer>") == 0.0
     assert score("<answer>\\boxed{3*5+7}</answer>") == 0.0                 # their regex refuses the braces
-    assert tasks.paper_accuracy("countdown", "<answer>2**3</answer>", dict(numbers=[2, 3], target=8))[0] == 1.0
+    assert protocols.paper_accuracy("countdown", "<answer>2**3</answer>", dict(numbers=[2, 3], target=8))[0] == 1.0
 
 
 def test_spg_countdown_scorer_reads_the_last_boxed_where_the_dtm_authors_read_the_first_answer():
@@ -194,13 +195,13 @@ def test_spg_countdown_scorer_reads_the_last_boxed_where_the_dtm_authors_read_th
                            ("<answer>\\boxed{3*5+7}</answer>", 0.0, 1.0),      # DTM: braces refused ...
                            ("<answer>\\boxed{3 \\times 5 + 7 = 22}</answer>", 1.0, 1.0)]:   # ... unless '= 22'
                                                                                           # cuts them off
-        assert tasks.paper_accuracy("countdown", text, item)[0] == dtm, text
-        assert tasks.spg_accuracy("countdown", text, item)[0] == spg, text
+        assert protocols.paper_accuracy("countdown", text, item)[0] == dtm, text
+        assert protocols.spg_accuracy("countdown", text, item)[0] == spg, text
 
 
 def test_paper_sudoku_scorer_is_the_five_pattern_cascade_with_separators_kept():
     item = SUDOKU                                                           # 8 empty cells
-    cells = lambda text: tasks.paper_accuracy("sudoku", text, item)[0]                     # noqa: E731
+    cells = lambda text: protocols.paper_accuracy("sudoku", text, item)[0]                     # noqa: E731
     assert cells("<answer>\n3214142323414132\n</answer><|eot_id|>") == 8
     assert cells("<answer>3214142323414132<|eot_id|><|endoftext|>") == 8   # unclosed, cut at the stop token
     assert cells("<answer>3,2,1,4,1,4,2,3,2,3,4,1,4,1,3,2</answer>") < 8   # commas count as characters
@@ -211,14 +212,75 @@ def test_paper_sudoku_scorer_is_the_five_pattern_cascade_with_separators_kept():
 
 def test_paper_gsm8k_and_math_scorers():
     item = dict(question="?", answer="so #### 36")
-    gsm = lambda text: tasks.paper_accuracy("gsm8k", text, item)[0]                        # noqa: E731
+    gsm = lambda text: protocols.paper_accuracy("gsm8k", text, item)[0]                        # noqa: E731
     assert gsm("\\boxed{36}") == 1.0 and gsm("\\boxed{...} then \\boxed{36}") == 1.0
     assert gsm("<answer>it is 12 or 36</answer>") == 1.0                    # the last number in <answer>
     assert gsm("<answer>\\boxed{36") == 1.0                                 # unclosed: the text after <answer>
     assert gsm("\\boxed{1,234}") == 0.0
     m = dict(question="?", answer="\\frac{1}{2}")
-    assert tasks.paper_accuracy("math", "so \\boxed{\\frac{1}{2}}.", m)[0] == 1.0
-    assert tasks.paper_accuracy("math", "1/2", m)[0] == 1.0                 # no \boxed: the whole text
-    assert tasks.paper_accuracy("math", "<answer>1/2</answer> \\boxed{1/2", m)[0] == 1.0    # unclosed
-    assert tasks.paper_gsm8k_reward("<reasoning>\nadd\n</reasoning>\n<answer>\n\\boxed{36}\n</answer>\n", item) \
+    assert protocols.paper_accuracy("math", "so \\boxed{\\frac{1}{2}}.", m)[0] == 1.0
+    assert protocols.paper_accuracy("math", "1/2", m)[0] == 1.0                 # no \boxed: the whole text
+    assert protocols.paper_accuracy("math", "<answer>1/2</answer> \\boxed{1/2", m)[0] == 1.0    # unclosed
+    assert protocols.paper_gsm8k_reward("<reasoning>\nadd\n</reasoning>\n<answer>\n\\boxed{36}\n</answer>\n", item) \
         == pytest.approx(4.0 - 1.0)                                         # no soft / strict format terms
+
+
+# ---- scoring is linear in the text: the str.find parsers against the regexes they replace
+PIECES = ["<answer>", "</answer>", "<reasoning>", "</reasoning>", "```", "<|eot_id|>", "<|endoftext|>",
+          "\\boxed{", "\\text{", "{", "}", "=", "+", "*", "(", ")", ".", "1", "2", "3", "4", "0",
+          "1234123412341234", "12341234123412341", " ", "\n", "\u2003", "\u0663", "x", "\\frac",
+          "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>", "\n</answer>\n"]
+
+
+def random_texts(n=4000, seed=0):
+    """Short strings of the pieces the parsers look for; half start as a well-formed completion does."""
+    rng = random.Random(seed)
+    return [rng.choice(["", "<reasoning>", "<reasoning>\n"]) + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 14)))
+            for _ in range(n)]
+
+
+def test_tag_parsers_return_what_the_lazy_regexes_return():
+    import re
+    for text in random_texts():
+        assert tasks.tag_spans(text, "<answer>", "</answer>") == re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        assert tasks.tag_spans(text, "\\boxed{", "}", dotall=False) == re.findall(r"\\boxed{(.*?)}", text)
+        m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+        assert tasks.first_tag(text, "answer") == (m.group(1) if m else None)
+        assert tasks.soft_format(text) == bool(re.match(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>",
+                                                        text, re.DOTALL))
+        strict = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$"
+        assert tasks.strict_format(text) == bool(re.match(strict, text, re.DOTALL)), repr(text)
+        assert tasks.drop_final_text(text) == re.sub(r"\\text\{\s*[^}]*\}\s*$", "", text), repr(text)
+
+
+def test_the_papers_sudoku_cascade_finds_what_its_regexes_find():
+    import re
+    patterns = [r"<answer>.*?```\s*([\d\s]+)```", r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",
+                r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)", r".*?(\d{16})\s*</answer>",
+                r"\b(\d{16})\b"]
+    for text in random_texts() + ["<answer>``` 1 2\n```", "<answer>```  ```", "x</answer> \n12\n"]:
+        groups = [(m.group(1) if m else None) for m in (re.search(p, text, re.DOTALL) for p in patterns)]
+        assert protocols.paper_sudoku_answers(text) == groups, repr(text)
+        eq = re.search(r"([0-9+\-*/() ]+)=[0-9. ]+", text)
+        item = dict(numbers=[1, 2, 3], target=6)
+        expected = protocols.countdown_correct(eq.group(1).strip() if eq else text, item)
+        assert protocols.countdown_correct(text, item) == expected
+
+
+@pytest.mark.parametrize("text", ["<answer>" * 10_000, "<reasoning></reasoning><answer>" * 2_500,
+                                  "<reasoning>" + "</reasoning>" * 6_600, "\\boxed{" * 11_400,
+                                  "<answer>" + "\\text{" * 13_300 + "}</answer>", "<answer>```1" * 8_000,
+                                  "1 " * 40_000 + "</answer>" + "\n" * 1000, "(1+2)" * 16_000])
+def test_every_scorer_is_linear_in_the_text(text):
+    """An 80k-character completion of unclosed tags took the lazy regexes 7-145 s per scorer; every reward
+    and scorer of every task now reads it in well under a second."""
+    import time
+    items = dict(sudoku=tasks.sudoku_data(0, n_train=1)[0][0], countdown=tasks.countdown_data(0, 1)[0],
+                 gsm8k=dict(question="q", answer="#### 42"), math=dict(question="q", answer="42"))
+    for task, item in items.items():
+        scorers = [lambda t, i: tasks.REWARDS[task](t, i), lambda t, i: protocols.PAPER_REWARDS[task](t, i)]
+        scorers += [lambda t, i, f=f: f(task, t, i) for f, _ in protocols.SCORERS.values()]
+        for score in scorers:
+            t0 = time.perf_counter()
+            score(text, item)
+            assert time.perf_counter() - t0 < 1.0, task

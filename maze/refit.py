@@ -1,6 +1,6 @@
 """Can the maze network hold a law it is trained on? ELBO fine-tuning of the committed base on data
-drawn three ways, then the validity of its own rollouts (README: "The network loses about 40% of the
-valid mass whenever it fits a law").
+drawn in several ways, then the validity of its own rollouts (maze/FINDINGS.md, "Can the network
+hold a law?").
 
   a = 0:    the base's reference rollouts (dtm.py: base_reference) resampled with weights e^{0 r}:
             its own law, so a model that could hold its law would not move;
@@ -8,9 +8,10 @@ valid mass whenever it fits a law").
   paths:    fresh training paths (all valid), as in pretraining;
   valid1.0: the a = 1.0 resample with its invalid rollouts dropped (any a after "valid").
 
-    python tests/refit.py 400 1e-4 0 0.5 paths      # steps, AdamW lr, then the data sets (~4 min each)
-    python tests/refit.py 1000 5e-4 --cosine 1.0    # lr decayed to 0 by a cosine, as in pretraining
+    python -m maze.refit 400 1e-4 0 0.5 paths       # steps, AdamW lr, then the data sets (~4 min each)
+    python -m maze.refit 1000 5e-4 1.0 --cosine     # lr decayed to 0 by a cosine, as in pretraining
 """
+import argparse
 import glob
 import math
 import os
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import dtm                                                                           # noqa: E402
-from maze import env                                                                 # noqa: E402
-from maze.mdm import PROMPT_LEN, elbo_loss, load, mask_completions, training_set     # noqa: E402
+if __package__ in (None, ""):
+    sys.path.insert(0, ROOT)
+import dtm                                                                             # noqa: E402
+from maze import env                                                                   # noqa: E402
+from maze.mdm import PROMPT_LEN, Help, elbo_loss, load, mask_completions, training_set  # noqa: E402
 
 
 def resampled(comp, r, prompts, a, rng):
@@ -73,6 +75,15 @@ def main(steps, lr, names, rollouts_per_prompt=128, cosine=False):
     return results
 
 
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    p.add_argument("steps", type=int, help="AdamW steps of the ELBO, batch 128")
+    p.add_argument("lr", type=float, help="AdamW learning rate")
+    p.add_argument("names", nargs="+", help="data sets: a tilt a (resampled reference), paths, or valid<a>")
+    p.add_argument("--cosine", action="store_true", help="decay the lr to 0 by a cosine")
+    return p
+
+
 if __name__ == "__main__":
-    rest = sys.argv[3:]
-    main(int(sys.argv[1]), float(sys.argv[2]), [n for n in rest if n != "--cosine"], cosine="--cosine" in rest)
+    a = parser().parse_args()
+    main(a.steps, a.lr, a.names, cosine=a.cosine)

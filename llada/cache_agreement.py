@@ -1,7 +1,7 @@
 """How often the KV-cached samplers agree with the exact one on a *trained* LLaDA-shaped model.
 
 On random weights every greedy choice is a near tie, so one stale key flips a token and the rest of the
-row follows (the README's 19-50%). A trained model is confident where the task decides. This script
+row follows (llada/README.md: 19-50%). A trained model is confident where the task decides. This script
 trains a small LLaDA (our llada/model.py network, 0.86M parameters) with the masked-diffusion ELBO to sort
 digits: prompt = 16 random digits and a separator, completion = the same digits sorted, then end-of-text
 padding to gen_length. Then it decodes held-out prompts greedily (temperature 0) with the exact sampler
@@ -9,7 +9,7 @@ and with the `prefix` and `dual` caches, and prints time, accuracy (the sorted a
 token agreement with the exact sampler, and accuracy at temperature 1 (how DTM draws its rollouts).
 Nothing is downloaded; about 8 minutes on one CPU core.
 
-    python tests/cache_agreement.py [--steps 1500] [--gen_length 32] [--block_length 8]
+    python -m llada.cache_agreement [--steps 1500] [--gen_length 32] [--block_length 8]
 """
 import argparse
 import os
@@ -19,7 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from maze.mdm import Help                                                      # noqa: E402
 from llada.model import LLaDAConfig, generate, random_model                    # noqa: E402
 
 SEP, EOS, MASK = 10, 11, 12                                # digits are 0..9
@@ -45,9 +47,8 @@ def elbo_loss(model, prompt, answer, g):
     return (ce / t.expand_as(answer)[masked]).sum() / answer.numel()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--steps", type=int, default=1500, help="AdamW steps of the ELBO")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr (cosine decay to 0)")
@@ -55,7 +56,11 @@ def main():
     p.add_argument("--block_length", type=int, default=8, help="sampler block")
     p.add_argument("--test", type=int, default=256, help="held-out prompts decoded by each sampler")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the data and the masks")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = LLaDAConfig(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384, embedding_size=16,
                       rope_theta=10000.0, mask_token_id=MASK, eos_token_id=EOS)

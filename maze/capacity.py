@@ -1,10 +1,10 @@
 """Is the maze network's parameterisation what limits DTM? The main command with fewer trainable
-parameters, or with more from the same law (README: "Why DTM realises only part of the tilt").
+parameters, or with more from the same law (maze/FINDINGS.md, "Capacity").
 
 A DTM phase is a fit: its minimiser over a free table is the tilted posterior (eq. 17), over a network
 it is the nearest set of conditionals the network can reach (tests/tabular.py: anneal_subspace). Which
 parameters carry what the main command realises, and whether more of them help, is measured here; the
-README's table "which of the maze network's parameters" has the commands and numbers.
+findings' capacity table has the commands and numbers.
 
   train:  only the parameters whose names start with one of the prefixes are trained (the rest stay
           at the base); the base, its law and its exact tilt are the committed ones.
@@ -13,8 +13,8 @@ README's table "which of the maze network's parameters" has the commands and num
           reference rollouts are its exact tilt, copied beside the new checkpoint). Only the new
           units' output weights have a gradient at the start; their input weights follow.
 
-    python tests/capacity.py train blocks.3 ln_f -- --out runs/last_block   # then dtm.py's flags
-    python tests/capacity.py widen 12 -- --out runs/wide12
+    python -m maze.capacity train blocks.3 ln_f -- --out runs/last_block   # then run's flags
+    python -m maze.capacity widen 12 -- --out runs/wide12
 """
 import dataclasses
 import os
@@ -23,10 +23,11 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dtm                                                                    # noqa: E402
-from maze.mdm import MDM, load, n_params, save                     # noqa: E402
+from maze import experiments                                                  # noqa: E402
+from maze.mdm import MDM, load, n_params, reference_path, save                  # noqa: E402
 
 
 def widened(model, ratio, generator=None):
@@ -51,19 +52,27 @@ def widened(model, ratio, generator=None):
     return wide
 
 
-def main(argv):
+def parse(argv):
+    """MODE NAMES... [-- flags of python -m maze.experiments run] -> (mode, names, args)."""
     cut = argv.index("--") if "--" in argv else len(argv)
-    mode, rest, args = argv[0], argv[1:cut], dtm.parse(argv[cut + 1:])
+    if not argv or argv[0] not in ("train", "widen") or (argv[0] == "widen" and cut != 2):
+        sys.exit("usage: python -m maze.capacity train PREFIX... [-- run flags] | widen RATIO [-- run flags]")
+    return argv[0], argv[1:cut], experiments.parse(["run"] + argv[cut + 1:])
+
+
+def main(argv):
+    mode, rest, args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
     if mode == "widen":
         base, _ = load(args.base)
         wide = widened(base, int(rest[0]), torch.Generator().manual_seed(args.seed))
         path = os.path.join(args.out, f"base_mlp{rest[0]}.pt")
         save(wide, path)
-        ref = dtm.reference_path(args.base, args.reference_per_prompt, args)
+        ref = reference_path(args.base, args.reference_per_prompt, args.temperature, args.order, args.sample_steps)
         if not os.path.isfile(ref):
             sys.exit(f"draw the base's reference first (python dtm.py once): {ref} is missing")
-        shutil.copyfile(ref, dtm.reference_path(path, args.reference_per_prompt, args))
+        shutil.copyfile(ref, reference_path(path, args.reference_per_prompt, args.temperature, args.order,
+                                            args.sample_steps))
         print(f"widened: {n_params(base):,} -> {n_params(wide):,} parameters, {path}")
         args.base = path
     elif mode == "train":
@@ -78,12 +87,10 @@ def main(argv):
             return model, ck
         dtm.load = load_frozen                                         # run() loads the base with it
         try:
-            return dtm.run(args)
+            return experiments.run(args)
         finally:
             dtm.load = load_base
-    else:
-        sys.exit(f"usage: {__doc__.strip().splitlines()[-1]}")
-    return dtm.run(args)
+    return experiments.run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""The documents cannot drift from the code: every `python ...` and `torchrun ...` command in README.md,
+maze/FINDINGS.md and llada/README.md parses with its own script's parser (nothing is run), and every
+file and figure they name exists. Square brackets in a command mark optional flags ([--seed S]) and
+are dropped; a trailing "..." stands for flags given earlier in the same paragraph.
+"""
+import argparse
+import os
+import re
+import shlex
+
+import pytest
+
+import dtm
+import llada_finetune
+from llada import cache_agreement
+from maze import capacity, experiments, mdm, refit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "maze/FINDINGS.md", "llada/README.md"]
+PARSERS = {"dtm.py": lambda a: dtm.parser().parse_args(a),
+           "-m maze.experiments": lambda a: experiments.parser().parse_args(a),
+           "-m maze.mdm": lambda a: mdm.parser().parse_args(a),
+           "-m maze.capacity": capacity.parse,
+           "-m maze.refit": lambda a: refit.parser().parse_args(a),
+           "-m llada.cache_agreement": lambda a: cache_agreement.parser().parse_args(a),
+           "llada_finetune.py": lambda a: llada_finetune.parser().parse_args(a)}
+NO_ARGS = ("tests/tabular.py", "-m maze.env")
+
+
+def commands(path):
+    """(line, command) of every python / torchrun command: fenced lines and inline code spans."""
+    text = open(os.path.join(ROOT, path)).read()
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in block.splitlines():
+            line = re.sub(r"\s+#.*$", "", line.strip())
+            if line.startswith(("python ", "torchrun ")):
+                found.append(line)
+    for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL)):
+        span = " ".join(span.split())
+        if span.startswith(("python ", "torchrun ")):
+            found.append(span)
+    return found
+
+
+def split(command):
+    """(script, args) of a command, with [optional] parts, a trailing ... and torchrun's own flags gone."""
+    words = shlex.split(re.sub(r"\[[^\]]*\]", "", command).replace(" ...", ""))
+    if words[0] == "torchrun":
+        words = ["python"] + [w for w in words[1:] if not w.startswith("--nproc")]
+    words = words[1:]
+    if words[0] == "-m":
+        return " ".join(words[:2]), words[2:]
+    return words[0], words[1:]
+
+
+ALL = [(doc, c) for doc in DOCS for c in commands(doc)]
+
+
+def test_the_documents_hold_commands_to_check():
+    assert {doc for doc, _ in ALL} == set(DOCS) and len(ALL) > 40
+
+
+@pytest.mark.parametrize("doc, command", ALL, ids=[f"{d}:{c[:60]}" for d, c in ALL])
+def test_every_command_in_the_documents_parses(doc, command):
+    script, args = split(command)
+    if script == "-m pytest":
+        assert all(os.path.exists(os.path.join(ROOT, a.split("::")[0])) for a in args if not a.startswith("-"))
+        return
+    if script in NO_ARGS:
+        assert not args and (script.startswith("-m") or os.path.isfile(os.path.join(ROOT, script)))
+        return
+    assert script in PARSERS, f"{doc}: no parser known for {command!r}"
+    try:
+        PARSERS[script](args)
+    except (SystemExit, argparse.ArgumentError):
+        pytest.fail(f"{doc}: {command!r} does not parse")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_file_and_figure_the_documents_link_exists(doc):
+    text = open(os.path.join(ROOT, doc)).read()
+    here = os.path.dirname(os.path.join(ROOT, doc))
+    for target in re.findall(r"\]\(([^)#\s]+)", text):
+        if not target.startswith("http"):
+            assert os.path.exists(os.path.join(here, target)), f"{doc} links {target}"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_test_the_documents_cite_exists(doc):
+    text = open(os.path.join(ROOT, doc)).read()
+    defined = set()
+    for name in os.listdir(os.path.join(ROOT, "tests")):
+        if name.endswith(".py"):
+            defined |= set(re.findall(r"def (test_\w+)", open(os.path.join(ROOT, "tests", name)).read()))
+    cited = set(re.findall(r"`(test_\w+)`", text)) | set(re.findall(r"\b(test_\w+)\b(?!\.)", text))
+    cited = {c for c in cited if not os.path.exists(os.path.join(ROOT, "tests", c + ".py"))
+             and not c.startswith(("test_data", "test_sudoku_split"))}
+    assert cited <= defined, sorted(cited - defined)

@@ -1,0 +1,146 @@
+"""maze/experiments.py: the variants of dtm.py's loop that the findings use, the sweep, and the controls."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dtm
+from maze import env, experiments
+from maze.mdm import load, sample
+from test_dtm_cli import FAST, TINY
+
+
+def parse(argv):
+    return experiments.parse(["run"] + argv + FAST)
+
+
+def test_invalid_reward_rescores_the_reference_and_the_rollouts_and_moves_the_offset(tiny_base, tmp_path):
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    base = str(tmp_path / "base.pt")
+    with open(tiny_base, "rb") as f, open(base, "wb") as g:
+        g.write(f.read())
+    args1, args3 = parse(TINY), parse(TINY + ["--invalid_reward", "-3"])
+    assert (args1.r_offset, args3.r_offset) == (1.0, 3.0)                  # r + offset >= 0 either way
+    _, r1, valid = dtm.base_reference(base, wall, prompts, 4, args1)
+    _, r3, valid3 = dtm.base_reference(base, wall, prompts, 4, args3)      # the same cached rollouts
+    assert (valid3 == valid).all() and (r3 == np.where(valid, r1, -3.0)).all()
+    model = load(tiny_base)[0]
+    _, r, v, _ = dtm.rollouts(model, prompts, 2, args3, wall, torch.Generator().manual_seed(0))
+    assert (~v).any() and (r[~v] == -3.0).all() and (r[v] >= 0).all()
+
+
+
+def test_gradient_norm_at_the_teacher_is_order_eta_for_phi1_and_order_one_for_phi0(tiny_base):
+    """At the teacher, phi = 1's gradient is the tilt's alone, (e^{eta r} - 1) / Z times the NLL
+    gradient: linear in eta. phi = 0's is the whole ELBO gradient of one-hot samples, whatever eta."""
+    model = load(tiny_base)[0]
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    comp = sample(model, np.repeat(np.asarray(prompts), 8, 0), steps=8, generator=torch.Generator().manual_seed(0))
+    x1 = dtm.with_prompts(prompts, comp.view(8, 8, -1))
+    r = torch.as_tensor(env.score(wall, comp.numpy(), np.repeat(np.asarray(prompts), 8, 0))[1],
+                        dtype=torch.float32).view(8, 8) + torch.rand(8, 8, generator=torch.Generator().manual_seed(1))
+
+    def norm(phi, eta):                                              # the same minibatches and maskings
+        args = dtm.parse(["--eta", str(eta), "--batch", "16", "--clip", "1e9"])
+        return experiments.gradient_norm(model, x1, r, args, phi, torch.Generator().manual_seed(2), batches=4)
+    g1, g1_small, g0, g0_small = norm(1.0, 0.1), norm(1.0, 0.01), norm(0.0, 0.1), norm(0.0, 0.01)
+    assert 0.08 < g1_small / g1 < 0.12                                 # O(eta)
+    assert 0.9 < g0_small / g0 < 1.1 and g0 > 10 * g1                  # O(1)
+    assert experiments.gradient_norm(model, x1, r, dtm.parse(["--batch", "16", "--clip", str(g0 / 2)]), 0.0,
+                             torch.Generator().manual_seed(2), batches=4) == pytest.approx(g0 / 2)   # clipped
+
+
+def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_base, tmp_path):
+    out, figs = str(tmp_path / "sweep"), str(tmp_path / "figs")
+    args = ["sweep"] + TINY + FAST + ["--base", tiny_base, "--out", out, "--figures", figs, "--sweep_etas", "0.2", "0.1",
+                   "--sweep_steps", "4"]
+    results = experiments.main(args)
+    assert [(r["phi"], r["eta"], r["control"]) for r in results] == [
+        (0, 0.2, False), (0, 0.1, False), (1, 0.2, False), (1, 0.1, False), (0, 0.1, True), (1, 0.1, True),
+        (0, 0.1, False), (0, 0.1, True)]                              # the last two at phi = 0's matched lr
+    assert [r["steps_per_phase"] for r in results] == [4, 2, 4, 2, 2, 2, 2, 2]   # 4 in all: 1 x 4 or 2 x 2
+    lr0 = results[-1]["lr"]
+    assert [r["lr"] for r in results] == [0.02] * 6 + [lr0, lr0] and 0 < lr0 < 0.02
+    for r in results:
+        run_dir = (f"phi{r['phi']:g}_eta{r['eta']:g}" + (f"_lr{r['lr']:g}" if r["lr"] != 0.02 else "")
+                   + ("_control" if r["control"] else ""))
+        assert len(json.load(open(os.path.join(out, run_dir, "metrics.json")))) == round(0.2 / r["eta"]) + 1
+    assert open(os.path.join(out, "sweep.md")).read().count("\n") == 2 + 8
+    assert os.path.getsize(os.path.join(figs, "sweep.png")) > 10_000
+    os.remove(os.path.join(out, "phi1_eta0.1", "state.pt"))         # a reused run is not run again
+    assert json.dumps(experiments.main(args + ["--resume"])) == json.dumps(results)    # NaN == NaN as text
+
+
+
+def test_resume_at_the_samplers_own_states_continues_after_the_last_finished_phase(tiny_base, tmp_path):
+    out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
+    more = ["--base", tiny_base, "--out", out, "--figures", figs, "--states", "path"]
+    experiments.run(parse(TINY[:1] + ["0.3"] + TINY[2:] + more))
+    history = experiments.run(parse(TINY[:1] + ["0.4"] + TINY[2:] + more + ["--resume"]))
+    assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
+
+
+def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path):
+    """--weighting count (1/n time weight), --weighting released, --ema and --states path each give another
+    model than the default from the same seed; with --ema the model after a phase is the EMA of its iterates."""
+    final = {}
+    for name, extra in [("paper", []), ("count", ["--weighting", "count"]), ("released", ["--weighting", "released"]),
+                        ("ema", ["--ema", "0.5"]), ("path", ["--states", "path"])]:
+        out = str(tmp_path / name)
+        experiments.run(parse(TINY + ["--base", tiny_base, "--out", out, "--a_max", "0.1", *extra]))
+        final[name] = torch.cat([p.flatten() for p in load(os.path.join(out, "state.pt"))[0].parameters()])
+    for name in ("count", "released", "ema", "path"):
+        assert not torch.equal(final[name], final["paper"]), name
+    base = torch.cat([p.flatten() for p in load(tiny_base)[0].parameters()])
+    assert (final["ema"] - base).norm() < (final["paper"] - base).norm()    # the EMA lags the iterates
+
+
+def test_shuffled_rewards_are_a_permutation_within_each_prompt():
+    r = torch.arange(8 * 50, dtype=torch.float32).view(8, 50)
+    s = experiments.shuffled(r, torch.Generator().manual_seed(0))
+    assert torch.equal(s.sort(1).values, r)                             # each prompt keeps its own rewards
+    assert (s != r).float().mean() > 0.9                                # ... on other rollouts
+    assert torch.equal(s, experiments.shuffled(r, torch.Generator().manual_seed(0)))
+
+
+def test_shuffle_rewards_trains_on_permuted_rewards_and_measures_the_true_ones(tiny_base, tmp_path, monkeypatch):
+    """--shuffle_rewards (the no-signal control): in the loss, each prompt's rewards sit on other rollouts of
+    that prompt; the measured rows still score every rollout by its own reward. Rewards here are a
+    made-up function of the completion, so that every rollout's own reward is known."""
+    own = lambda comp: (torch.as_tensor(comp).long().sum(-1) % 97).float() / 100              # noqa: E731
+    rollouts = dtm.rollouts
+    monkeypatch.setattr(dtm, "rollouts", lambda *a, **k: (lambda x1, r, v, rank: (x1, own(x1[..., 3:]), v, rank))(
+        *rollouts(*a, **k)))
+    seen, dtm_loss = [], experiments.dtm_loss
+    monkeypatch.setattr(experiments, "dtm_loss", lambda *a, **k: seen.append((a[2], a[4])) or dtm_loss(*a, **k))
+    for name, extra, share in (("default", [], 1.0), ("shuffled", ["--shuffle_rewards"], None)):
+        out = str(tmp_path / name)
+        seen.clear()
+        history = experiments.run(parse(TINY + ["--base", tiny_base, "--out", out, "--rollouts_per_prompt", "8",
+                                            "--reference_per_prompt", "8", "--refresh_every", "100", *extra]))
+        last_phase = seen[-3:]                             # 3 steps; its buffer: the end rollouts of phase 1
+        matches = torch.cat([(r - 1.0 - own(x1[:, 3:])).abs() < 1e-6 for x1, r in last_phase]).float().mean()
+        if share is not None:
+            assert matches == share                        # r + r_offset, on its own rollout
+        else:
+            assert matches < 0.5                           # a permutation of 8 keeps about 1 in place
+        comp = np.load(os.path.join(out, "rollouts_a0.2.npy"))
+        assert history[-1]["reward"] == pytest.approx(own(comp).mean().item(), abs=1e-6)
+
+
+def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path, monkeypatch):
+    """--lr_decay cosine: step k of n takes lr (1 + cos(pi k / n)) / 2, afresh in every phase."""
+    seen, sgd_step = [], torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return sgd_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    experiments.run(parse(TINY + ["--base", tiny_base, "--out", str(tmp_path / "run"), "--lr_decay", "cosine"]))
+    assert seen == pytest.approx([0.02, 0.015, 0.005] * 2)          # 3 steps per phase, 2 phases
+
+
