@@ -1,5 +1,5 @@
-"""DTM fine-tuning of LLaDA-8B-Instruct: SAR-aligned masking (paper App. C), the annealing loop, the
-evaluation protocol and the command line.
+"""DTM fine-tuning of LLaDA-8B-Instruct: SAR-aligned masking (paper App. C), the annealing loop and the
+command line (training, --eval, --bench).
 
 The concepts it uses live one per file: `llada/model.py` (safetensors, the network, the sampler),
 `llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards),
@@ -33,13 +33,13 @@ from llada.bench import SHAPES, auto_rollout_batch, bench
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
-from llada.protocols import PROTOCOLS, evaluate
+from llada.protocols import PROTOCOLS, run_eval
 from llada.tasks import task_data
 from maze.mdm import Help
 
 
 # ============================================================================ SAR-aligned DTM
-# App. D.2 of the paper and the authors' released configs (../shared/LLADA.md). The paper's per-task
+# App. D.2 of the paper and the authors' released configs (their public repository). The paper's per-task
 # learning rates and eta were lost from its text: lr/min_lr are the released ones where there are some
 # (Countdown, Sudoku), eta is the released h; the GSM8K and MATH values are our choice (override them).
 PRESETS = dict(
@@ -352,29 +352,6 @@ class Trainer:
         print("\nCtrl-C: saving after this step (press again to abort without saving)")
 
 
-# ============================================================================ evaluation
-def run_eval(args):
-    dev = torch.device(args.device)
-    model = load_model(args.model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    tok = load_tokenizer(args.model_dir)
-    if args.adapter:
-        add_lora(model, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
-        load_adapter(model, args.adapter)
-        for m in lora_layers(model).values():
-            m.merge()                                   # inference only: fold B A into W
-    items = task_data(args)[1][:args.eval_limit or None]
-    acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length, args.protocol)
-           for L in args.eval_lengths}
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        first = acc[args.eval_lengths[0]]
-        print(f"\nprompts: {args.protocol} protocol; first row: its scorer, then the others'")
-        print(f"| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
-        for n in sorted(first, key=lambda n: n != args.protocol):
-            label = f"{args.task} ({len(items)})" + ("" if n == args.protocol else f", {n} scorer")
-            print(f"| {label} | {' | '.join(f'{100 * a[n]:.1f}' for a in acc.values())} |")
-    return acc
-
-
 # ============================================================================ the command line
 def batch_or_auto(text):
     """--rollout_batch: a positive integer, or auto."""
@@ -450,7 +427,7 @@ def parser():
                    help="sequences per sampling batch; auto: measured at the first rollouts, the smallest "
                         "batch within 5%% of the best tokens/s that fits in 75%% of free memory")
     s.add_argument("--rollout_cache", choices=["prefix", "dual"],
-                   help="Fast-dLLM's block KV cache for rollouts: faster, approximate (README); default: exact")
+                   help="Fast-dLLM's block KV cache for rollouts: faster, approximate (llada/README.md); default: exact")
     s.add_argument("--lora_r", type=int, default=128, help="LoRA rank (App. D.2: 128)")
     s.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha; scale = alpha / r")
     s.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")

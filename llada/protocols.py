@@ -6,7 +6,7 @@ The paper's protocol: the DTM authors' prompts and parsers for Countdown and Sud
 read the raw decoded completion, special tokens included. Written from their documented behaviour; none
 of their code is used. Every parser is linear in the text (llada/tasks.py says why).
 
-    from llada.protocols import PROTOCOLS, SCORERS, evaluate
+    from llada.protocols import PROTOCOLS, SCORERS, run_eval
     PROTOCOLS["paper"]["prompts"]["sudoku"](item)   # the text to put in the chat template
     SCORERS["paper"][0]("sudoku", completion, item)  # (correct cells, empty cells)
 """
@@ -16,14 +16,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llada.model import chat_prompt, decode, generate, left_pad
-from llada.tasks import (MATH_PROMPT, PROMPTS, REWARDS, SUDOKU_SHOTS, accuracy, closing_brace, first_tag,
-                         gsm8k_gold, gsm8k_reward, math_equiv, number, tag_spans, uses_exactly, arith)
+from llada.lora import add_lora, load_adapter, lora_layers
+from llada.model import chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
+from llada.tasks import (MATH_PROMPT, PROMPTS, REWARDS, SUDOKU_SHOTS, accuracy, arith, closing_brace, first_tag,
+                         gsm8k_gold, gsm8k_reward, math_equiv, number, tag_spans, task_data, uses_exactly)
 
-# Table 1's numbers come from the published evaluation code: the DTM authors' prompts and parsers for
-# Countdown and Sudoku (no prefill; Sudoku 3-shot), SPG's for GSM8K and MATH500 (a "<reasoning>" prefill
-# after the assistant header). The scorers read the raw decoded completion, special tokens included.
-# Written from their documented behaviour (../shared/LLADA.md, issue notes); none of their code is used.
+
 PAPER_FORMAT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
 PAPER_SUDOKU_SYSTEM = (
     "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading "
@@ -272,3 +270,25 @@ def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, prot
     if world > 1:
         dist.all_reduce(ok)
     return {n: (ok[k, 0] / ok[k, 1].clamp_min(1)).item() for k, n in enumerate(names)}
+
+
+def run_eval(args):
+    dev = torch.device(args.device)
+    model = load_model(args.model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    tok = load_tokenizer(args.model_dir)
+    if args.adapter:
+        add_lora(model, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
+        load_adapter(model, args.adapter)
+        for m in lora_layers(model).values():
+            m.merge()                                   # inference only: fold B A into W
+    items = task_data(args)[1][:args.eval_limit or None]
+    acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length, args.protocol)
+           for L in args.eval_lengths}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        first = acc[args.eval_lengths[0]]
+        print(f"\nprompts: {args.protocol} protocol; first row: its scorer, then the others'")
+        print(f"| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
+        for n in sorted(first, key=lambda n: n != args.protocol):
+            label = f"{args.task} ({len(items)})" + ("" if n == args.protocol else f", {n} scorer")
+            print(f"| {label} | {' | '.join(f'{100 * a[n]:.1f}' for a in acc.values())} |")
+    return acc

@@ -257,6 +257,7 @@ def bench(args, reps=20):
 # ----------------------------------------------------------------------------- the command line
 def parser():
     p = dtm.parser()
+    p.prog = "python -m maze.experiments"
     p.description = ("maze/FINDINGS.md's experiments: NAME is run (dtm.py's loop with the variants below), sweep "
                      "(paper Fig. 2/5) or bench.\nEvery dtm.py flag works here too.")
     p.add_argument("name", choices=NAMES, help="what to run")

@@ -122,8 +122,9 @@ def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, 
         axes[i, j].set_xlabel(f"valid share, prompts 0-{len(prompts) - 1}:\n{share}", fontsize=6.5)
     for j, c in enumerate(cols):
         axes[0, j].annotate(c, (0.5, 1.28), xycoords="axes fraction", ha="center", fontsize=10, weight="bold")
-    for i, r in enumerate(rows):
-        axes[i, 0].set_ylabel(r, fontsize=10, weight="bold")
+    for i, r in enumerate(rows):                                      # on the row's first cell, drawn or not
+        axes[i, 0].annotate(r, (-0.08, 0.5), xycoords="axes fraction", ha="right", va="center", rotation=90,
+                            fontsize=10, weight="bold")
     fig.suptitle(title, y=1.0)
     fig.tight_layout()
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)

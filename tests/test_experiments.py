@@ -144,3 +144,15 @@ def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path
     assert seen == pytest.approx([0.02, 0.015, 0.005] * 2)          # 3 steps per phase, 2 phases
 
 
+
+
+def test_run_with_no_variant_flag_is_dtm_py_itself(tiny_base, tmp_path):
+    """maze/experiments.py overrides dtm.Paper's methods only where a flag asks: with none set, its run
+    trains the very same model as dtm.py's, bit for bit."""
+    from test_dtm_cli import parse as dtm_parse
+    final = {}
+    for name, runner, args in (("dtm", dtm.run, dtm_parse), ("experiments", experiments.run, parse)):
+        out = str(tmp_path / name)
+        runner(args(TINY + ["--base", tiny_base, "--out", out]))
+        final[name] = load(os.path.join(out, "state.pt"))[0].state_dict()
+    assert all(torch.equal(final["dtm"][k], final["experiments"][k]) for k in final["dtm"])

@@ -23,7 +23,7 @@ def model(tiny):
 
 # ----------------------------------------------------------------------------- the model
 def reference_logits(state, c, ids):
-    """LLaDA.md's block written out per position and per head, in float64 (no padding)."""
+    """LLaDA's block (modeling_llada.py) written out per position and per head, in float64 (no padding)."""
     W = {k[len("model.transformer."):]: v.double() for k, v in state.items()}
     T, D, nh, nkv = len(ids), c["d_model"], c["n_heads"], c["n_kv_heads"]
     hd = D // nh
@@ -223,7 +223,7 @@ def test_checkpoint_errors_name_the_missing_unexpected_or_misshaped_key(tmp_path
 
 # ----------------------------------------------------------------------------- the sampler
 def reference_generate(model, prompt, steps, gen_length, block_length):
-    """LLaDA.md's sampler transcribed step by step at temperature 0: full-sequence logits, the
+    """LLaDA's sampler (generate.py) transcribed step by step at temperature 0: full-sequence logits, the
     confidence of x0, -inf after the current block, per-row top-k."""
     mask_id = model.cfg.mask_token_id
     B, P = prompt.shape
@@ -303,7 +303,7 @@ def test_cached_sampler_refreshed_every_step_is_the_exact_sampler_and_agrees_oth
     assert torch.equal(lm.generate(model, prompt, None, 32, 16, 8, cache=cache, refresh=1), exact)
     agree = (lm.generate(model, prompt, None, 32, 16, 8, cache=cache) == exact).float().mean().item()
     # The tiny model's random weights (std 0.3) make it chaotic: one changed token changes the rest of the
-    # row. Measured: prefix 0.50, dual 0.41 on these prompts (chance: 1/320). README: the agreement to expect.
+    # row. Measured: prefix 0.50, dual 0.41 on these prompts (chance: 1/320). llada/README.md: the agreement to expect.
     assert agree > 0.35
 
 
