@@ -97,3 +97,12 @@ def test_every_test_the_documents_cite_exists(doc):
     cited = {c for c in cited if not os.path.exists(os.path.join(ROOT, "tests", c + ".py"))
              and not c.startswith(("test_data", "test_sudoku_split"))}
     assert cited <= defined, sorted(cited - defined)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_no_table_row_is_split_by_a_pipe_inside_code(doc):
+    """Markdown splits a table row at every unescaped |, also inside `code`: write \\| there."""
+    for n, line in enumerate(open(os.path.join(ROOT, doc)), 1):
+        if line.startswith("|"):
+            for span in re.findall(r"`[^`]*`", line):
+                assert not re.search(r"(?<!\\)\|", span), f"{doc}:{n}: {span}"
