@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from maze import env
-from maze.env import with_prompts
 from maze.figures import plot_run, rollouts_file
 from maze.mdm import (CheckpointError, Config, Help, cached_rollouts, evaluate, load, mask_completions, pretrain,
-                      save)
+                      save, with_prompts)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
 REFERENCE_SEED = 1234                 # the base's reference rollouts are a property of the base, not of a run

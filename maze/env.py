@@ -139,15 +139,6 @@ def encode(prompt, path, length):
     return np.array([s, g, SEP] + list(path) + [PAD] * (length - len(path)), dtype=np.int64)
 
 
-def with_prompts(prompts, comp):
-    """Whole sequences [s, g, SEP, c_1 .. c_L] (P, n, 3 + L) from completions comp (P, n, L) of the P prompts."""
-    import torch
-    comp = torch.as_tensor(comp)
-    P, n, _ = comp.shape
-    pr = torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, n, 2)
-    return torch.cat([pr, torch.full((P, n, 1), SEP), comp], 2)
-
-
 def score(wall, completions, prompts):
     """Vectorised validity and reward of a batch.
 

@@ -70,9 +70,9 @@ class Variant(dtm.Paper):
         if a.states == "path":                                         # the sampler's own states, and the
             x_t, mask, S = mask_along_path(x1, rank, gen)              # tokens it drew from them
             return x_t, mask, S.float() / L                            # S steps: the path's NLL / L
-        x_t, mask, hazard = mask_completions(x1, gen)
+        x_t, mask, tw = super().states(x1, rank, gen, L)              # forward masking, hazard / L
         if a.weighting == "paper":
-            return x_t, mask, hazard / L
+            return x_t, mask, tw
         return x_t, mask, 1.0 / mask.sum(1).clamp_min(1).float()      # the released code's 1/n
 
     def loss(self, logits, teacher_logits, x1, mask, r, tw, eta, group, r_buf):

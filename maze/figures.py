@@ -28,12 +28,14 @@ def load_rollouts(path, wall, prompts):
 
 
 def draw_rollouts(axes, path, a, wall, prompts, per_prompt, colour, legend=True):
-    """The first per_prompt rollouts in `path` (made at tilt a) of the first prompts, one panel each."""
+    """The first per_prompt rollouts in `path` (made at tilt a) of the first prompts, one panel each.
+    Returns what it loaded: all the completions, their prompt index and their validity."""
     x, ids, valid = load_rollouts(path, wall, prompts)
     for p, ax in enumerate(axes):
         sel = np.nonzero(ids == p)[0][:per_prompt]
         env.plot_rollouts(ax, wall, x[sel], prompts[p], valid[sel], colour=colour, legend=legend and p == 0,
                           title=f"a={a:.1f}  prompt {p}: valid {valid[sel].sum()}/{len(sel)}")
+    return x, ids, valid
 
 
 def pyplot():
@@ -113,9 +115,8 @@ def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, 
         if (i, j) not in used:
             ax.axis("off")
     for path, a, (i, j), label in [(base_path, 0.0, (0, 0), "")] + panels:
-        x, ids, valid = load_rollouts(path, wall, prompts)
-        draw_rollouts([axes[i, j]], path, a, wall, prompts, per_prompt, "tab:gray" if j == 0 else "tab:red",
-                      legend=(i, j) == (0, 0))
+        _, ids, valid = draw_rollouts([axes[i, j]], path, a, wall, prompts, per_prompt,
+                                      "tab:gray" if j == 0 else "tab:red", legend=(i, j) == (0, 0))
         share = " ".join(f"{valid[ids == p].mean():.2f}" for p in range(len(prompts)))
         axes[i, j].set_title(f"{label}\nprompt 0, a = {a:g}: {valid[ids == 0][:per_prompt].sum()}/"
                              f"{min(per_prompt, (ids == 0).sum())} valid drawn".strip(), fontsize=8)

@@ -284,6 +284,14 @@ def evaluate(model, wall, prompts, per_prompt, temperature=1.0, order="random", 
     return metrics, x, ids, reward, rank
 
 
+def with_prompts(prompts, comp):
+    """Whole sequences [s, g, SEP, c_1 .. c_L] (P, n, 3 + L) from completions comp (P, n, L) of the P prompts."""
+    comp = torch.as_tensor(comp)
+    P, n, _ = comp.shape
+    pr = torch.as_tensor(np.asarray(prompts))[:, None, :].expand(P, n, 2)
+    return torch.cat([pr, torch.full((P, n, 1), env.SEP), comp], 2)
+
+
 def reference_path(ckpt, per_prompt, temperature=1.0, order="random", steps=None):
     """Where `cached_rollouts` keeps the rollouts of checkpoint `ckpt`: a name made from a digest of its
     bytes and of the sampler's settings, beside it."""
