@@ -30,10 +30,11 @@ from tqdm import tqdm
 from maze import env
 from maze.figures import plot_run, rollouts_file
 from maze.mdm import (CheckpointError, Config, Help, cached_rollouts, evaluate, load, mask_completions, pretrain,
-                      save, with_prompts)
+                      save, with_prompts, parser as mdm_parser)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
 REFERENCE_SEED = 1234                 # the base's reference rollouts are a property of the base, not of a run
+HELD_OUT_MASKINGS = 4                 # fixed maskings of each held-out rollout (the phase's health check)
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -49,7 +50,8 @@ def group_log_mean_exp(x, group=None):
     return (m + s.log() - n.log())[g]
 
 
-def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, group=None, log_Z=None):
+def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, group=None, log_Z=None,
+             per_sequence=False):
     """phi-DTM loss (eq. 16) with the control-variate target Y_phi of eq. 17.
 
     logits         (N, V) student logits at the N True entries of `mask`, row-major (= head(h[mask]))
@@ -59,7 +61,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     phi            a float, or (B,): eq. 17 allows any coefficient that is a function of x_t
     group (B,)     ids that share one Z (the prompt); None: the whole batch.  log_Z (B,): the
                    caller's log Z (e.g. over a whole replay buffer), used instead of the batch's
-    Returns (1/B) sum_b time_weight_b sum_{i in mask_b} loss_i.
+    Returns (1/B) sum_b time_weight_b sum_{i in mask_b} loss_i, or per_sequence: the (B,) terms (their mean).
 
     Derivation (paper §3). Masking x1 -> x_t does not depend on the tilt, so (eq. 11-12)
         E_{a+eta}[F] = E_a[e^{eta r(X1)} F] / E_a[e^{eta r(X1)}],
@@ -95,6 +97,8 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
         p_a = F.softmax(teacher_logits.to(dt), dim=-1)
         teacher_ce = -(p_a * logp).sum(-1)                              # (N,) CE(p_a, p_theta)
         loss = loss + w_ce[seq] * teacher_ce
+    if per_sequence:
+        return torch.zeros(B, dtype=dt, device=x1.device).index_add(0, seq, time_weight[seq] * loss)
     return (time_weight[seq] * loss).sum() / B
 
 
@@ -161,6 +165,47 @@ def base_reference(ckpt, wall, prompts, per_prompt, args):
     return x, np.where(valid, r, args.invalid_reward), valid
 
 
+# ----------------------------------------------------------------------------- the health check of a phase
+def held_out_set(x1, r, maskings, gen, L):
+    """Teacher rollouts x1 (P, h, T) with rewards r (P, h) that the phase never trains on, each masked
+    `maskings` times, once for the whole phase (forward masking, time weight hazard / L as in training):
+    the fixed sample on which `phase_objective` compares the student with its teacher."""
+    P, h, T = x1.shape
+    x_t, mask, hazard = mask_completions(x1.reshape(P * h, T).repeat(maskings, 1), gen)
+    group = torch.arange(P, device=x1.device).repeat_interleave(h).repeat(maskings)
+    return dict(x1=x1.reshape(P * h, T).repeat(maskings, 1), x_t=x_t, mask=mask, tw=hazard / L, r=r.flatten(),
+                group=group, maskings=maskings)
+
+
+@torch.no_grad()
+def phase_objective(model, teacher, held, eta, phi, chunk=256):
+    """The phase's own objective J(theta) = E_a[(e^{eta r} / Z) sum_i tw CE(Y_phi, p_theta)] (eq. 16) on the
+    held-out set, with the set's own Z per prompt: one value per rollout (the mean of its maskings).
+    J(student) - J(teacher) < 0 by more than its SE: the phase moved towards its minimiser, which for a
+    self-consistent teacher is the posterior of p_{a+eta} whatever phi (eq. 15); >= 0: it fitted noise."""
+    n = len(held["r"])
+    r = held["r"].repeat(held["maskings"])
+    log_Z = group_log_mean_exp(eta * r.double(), held["group"])
+    out = []
+    for s in range(0, len(r), chunk):
+        x1, x_t, mask = (held[k][s:s + chunk] for k in ("x1", "x_t", "mask"))
+        t_logits = teacher(x_t, mask)
+        logits = t_logits if model is teacher else model(x_t, mask)
+        out.append(dtm_loss(logits, t_logits, x1, mask, r[s:s + chunk], held["tw"][s:s + chunk], eta, phi,
+                            log_Z=log_Z[s:s + chunk], per_sequence=True))
+    return torch.cat(out).view(held["maskings"], n).mean(0)
+
+
+def max_gain(r, eta, L):
+    """The most a phase can lower J: KL(p_{a+eta} || p_a) / L (Prop. 3.4, with equality for a teacher whose
+    posteriors are its own law's), from rollouts r (P, h) of p_a: per prompt E_{a+eta}[eta r] - log E_a[e^{eta r}]
+    by self-normalised weights e^{eta r}, averaged over the prompts."""
+    er = eta * np.asarray(r, dtype=np.float64)
+    w = np.exp(er - er.max(1, keepdims=True))
+    log_Z = np.log(w.mean(1)) + er.max(1)
+    return float(((w * er).sum(1) / w.sum(1) - log_Z).mean() / L)
+
+
 def measure(a, comp, r, valid, M, reference, extra):
     """A history row: the numbers of rollouts comp (P, n, L) with r, valid (P, n) at tilt a, next to the exact
     tilt at a of the base's reference = (ref_r, ref_valid) and the realised fraction; diversity of the first M."""
@@ -178,7 +223,10 @@ def measure(a, comp, r, valid, M, reference, extra):
             f"(exact {h['exact_reward']:.3f})")
     line += f"  realised {h['realised_validity']:.2f} / {h['realised_reward']:.2f}" if a > 0 else ""
     line += f"  distinct {h['distinct_valid_per_prompt']:.1f}  cells {h['cells_covered_per_prompt']:.1f}"
-    tqdm.write(line + (f"  loss {extra['loss']:.4f}  {extra['train_s']:.0f} s" if "loss" in extra else ""))
+    if "loss" in extra:
+        line += (f"  loss {extra['loss']:.4f}  held-out change {extra['held_out_change']:.1e} ± "
+                 f"{extra['held_out_change_se']:.1e} (most: -{extra['max_gain']:.1e})  {extra['train_s']:.0f} s")
+    tqdm.write(line)
     return h
 
 
@@ -221,15 +269,18 @@ def run(args, variant=None):
     torch.backends.cuda.matmul.allow_tf32 = True                       # on a GPU, TF32 matmuls (as nanoGPT)
     np.random.seed(args.seed)
     gen = torch.Generator(args.device).manual_seed(args.seed)         # sampling and masking, on the device
+    check = torch.Generator(args.device).manual_seed(args.seed + 10 ** 6)   # the health check's own draws:
+    # it does not change the training (the same seed trains the same model whatever --held_out_per_prompt)
     pick = torch.Generator().manual_seed(args.seed)                     # draws from the replay buffer (CPU)
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
-    P, M, dev = len(prompts), args.rollouts_per_prompt, args.device
+    P, M, H, dev = len(prompts), args.rollouts_per_prompt, args.held_out_per_prompt, args.device
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
     if args.base == DEFAULT_BASE and not os.path.isfile(DEFAULT_BASE):
-        print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({args.pretrain_steps} steps)")
-        pretrain(Config(), args.pretrain_steps, device=dev, out=DEFAULT_BASE)
+        steps = mdm_parser().get_default("steps")                      # as python -m maze.mdm does
+        print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({steps} steps)")
+        pretrain(Config(), steps, device=dev, out=DEFAULT_BASE)
     ref_x, ref_r, ref_valid = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
     L = ref_x.shape[-1]
     a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
@@ -243,24 +294,30 @@ def run(args, variant=None):
         history, start, (x1_all, r_all, rank_all) = ck["history"], len(ck["history"]) - 1, ck["rollouts"]
         gen.manual_seed(args.seed + start)
         pick.manual_seed(args.seed + start)
+        check.manual_seed(args.seed + 10 ** 6 + start)
         print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
     else:                              # a = 0: the base, measured by its reference; the buffer: M of those
         model, history, start = load(args.base, dev)[0], [], 0
         record(0.0, ref_x, ref_r, ref_valid)
         x1_all, r_all, rank_all = with_prompts(prompts, ref_x), ref_r, None
         if v.keeps_paths:                                              # the reference keeps no paths
-            x1_all, r_all, _, rank_all = rollouts(model, prompts, M, args, wall, gen)
-    pick_m = (torch.arange(P)[:, None], torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M]
-                                                     for _ in range(P)]))     # M of them per prompt
-    x1_buf, r_buf = x1_all[pick_m], v.rewards_in(torch.as_tensor(r_all, dtype=torch.float32)[pick_m], pick)
+            x1_all, r_all, _, rank_all = rollouts(model, prompts, M + H, args, wall, gen)
+    perm = torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M + H] for _ in range(P)])
+    pick_m, pick_h = (torch.arange(P)[:, None], perm[:, :M]), (torch.arange(P)[:, None], perm[:, M:])
+    r_all = torch.as_tensor(r_all, dtype=torch.float32)
+    x1_buf, r_buf = x1_all[pick_m], v.rewards_in(r_all[pick_m], pick)       # M of them per prompt, and
+    x1_held, r_held = x1_all[pick_h], r_all[pick_h]                          # H others held out
     rank_buf = rank_all[pick_m] if rank_all is not None else None
     for k in range(start + 1, len(a_grid)):
-        a, eta = a_grid[k], v.eta_in_loss(a_grid[k] - a_grid[k - 1])
+        a, eta_k = a_grid[k], a_grid[k] - a_grid[k - 1]                    # the phase's eta; the loss's:
+        eta = v.eta_in_loss(eta_k)                                        # the same, unless a control
         t0 = time.time()
         # the one-phase target: the teacher's own rollouts (the buffer) reweighted by e^{eta r}
         target = tilted_means(r_buf.numpy(), (r_buf > args.invalid_reward).numpy(), eta)
-        # 1. freeze the teacher p_a: the model at the start of the phase
+        # 1. freeze the teacher p_a: the model at the start of the phase, and its objective on held-out rollouts
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        held = held_out_set(x1_held.to(dev), r_held.to(dev) + args.r_offset, HELD_OUT_MASKINGS, check, L)
+        j_teacher = phase_objective(teacher, teacher, held, eta_k, args.phi)
         # 2. the buffer (x1, r): M rollouts per prompt of p_a, just measured; 3. a fresh optimiser (as the authors')
         opt = v.optimizer(model)
         model.train()
@@ -293,14 +350,23 @@ def run(args, variant=None):
             losses.append(loss.item())
         v.end_phase(model)
         train_s = time.time() - t0
-        # 8. measure p_{a+eta}: n rollouts per prompt (more at the end); the first M are the next buffer
-        n = args.end_rollouts_per_prompt if k == len(a_grid) - 1 else M
-        x1_all, r_all, valid, rank_all = rollouts(model, prompts, max(n, M), args, wall, gen, progress=n > M)
+        # 8. the health check: the change of the phase's objective on its held-out rollouts, against the
+        # most it can gain; then measure p_{a+eta}: the first M rollouts are the next buffer, the next H held out
+        d = (phase_objective(model.eval(), teacher, held, eta_k, args.phi) - j_teacher).double()
+        health = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / math.sqrt(len(d))).item(),
+                      max_gain=max_gain(r_held.numpy(), eta_k, L))
+        last = k == len(a_grid) - 1
+        x1_all, r_all, valid, rank_all = rollouts(model, prompts, max(args.end_rollouts_per_prompt, M) if last else M,
+                                                  args, wall, gen, progress=last)
+        if not last:                   # the next phase's held-out rollouts, also measured
+            x1_all, r_all, valid, rank_all = (torch.cat(z, 1) for z in zip(
+                (x1_all, r_all, valid, rank_all), rollouts(model, prompts, H, args, wall, check)))
         record(a, x1_all.numpy(), r_all.numpy(), valid.numpy(),
                dict(loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
-                    **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}))
+                    **health, **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward",
+                                                                             "reward_se")}))
         x1_buf, r_buf = x1_all[:, :M].clone(), v.rewards_in(r_all[:, :M].clone(), pick)
-        rank_buf = rank_all[:, :M].clone()
+        x1_held, r_held, rank_buf = x1_all[:, M:M + H].clone(), r_all[:, M:M + H].clone(), rank_all[:, :M].clone()
         save(model, state_path, history=history, args=vars(args), rollouts=(x1_all, r_all, rank_all))  # atomic
         with open(os.path.join(args.out, "metrics.json"), "w") as f:
             json.dump(history, f, indent=1)
@@ -330,8 +396,9 @@ FLAGS = {
     "measurement and files": [
         ("end_rollouts_per_prompt", 256, "rollouts per prompt after the last phase (validity SE ~0.01)"),
         ("reference_per_prompt", 2048, "rollouts per prompt of the base for its exact tilt, drawn once, cached"),
+        ("held_out_per_prompt", 16, "teacher rollouts per prompt held out of each phase for its health check "
+                                    "(SE ~1.5e-5 at eta 0.1; 64: ~0.8e-5)"),
         ("base", DEFAULT_BASE, "base checkpoint (default: maze/base.pt, pretrained first if missing)"),
-        ("pretrain_steps", 2400, "pretraining steps if the base is missing"),
         ("out", "runs/dtm", "metrics.json, rollouts and state.pt go here"),
         ("figures", None, "figures and metrics_phi*_eta*.json (default: --out; the README's: figures)"),
         ("resume", False, "continue from OUT/state.pt after its last phase"),
@@ -343,7 +410,10 @@ def parser():
     """The paper's flags. maze/experiments.py adds its own to this parser; those of them that run()
     reads have their defaults here (the sampler's order and steps, the reward's penalty and offset)."""
     p = argparse.ArgumentParser(description="Discrete Tilt Matching on the 41x41 maze: python dtm.py --phi 1 --eta "
-                                            "0.1.\nThe variants and controls: python -m maze.experiments run --help.",
+                                            "0.1.\nThe variants and controls: python -m maze.experiments run --help.\n"
+                                            "Each phase prints its health check: the change of its objective on "
+                                            "held-out teacher rollouts, which must be negative by more than its "
+                                            "SE;\na phase that does not lower it has fitted noise.",
                                 formatter_class=Help)
     for title, flags in FLAGS.items():
         g = p.add_argument_group(title)
@@ -367,7 +437,9 @@ def parse(argv=None, p=None):
         (not 0 <= args.phi <= 1, f"--phi must be in [0, 1] (got {args.phi})"),
         (not args.a_max > 0, f"--a_max must be > 0 (got {args.a_max})"),
         (min(args.steps_per_phase, args.rollouts_per_prompt, args.refresh_every, args.end_rollouts_per_prompt,
-             args.reference_per_prompt) < 1, "--steps_per_phase, --refresh_every and the rollout counts must be >= 1"),
+             args.held_out_per_prompt) < 1, "--steps_per_phase, --refresh_every and the rollout counts must be >= 1"),
+        (args.reference_per_prompt <= args.rollouts_per_prompt, "--reference_per_prompt must exceed "
+                                                                "--rollouts_per_prompt (phase 1 holds out the rest)"),
         (args.batch < 8 or args.batch % 8, f"--batch must be a positive multiple of the 8 prompts (got {args.batch})"),
         (args.device.startswith("cuda") and not torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here")] if bad]

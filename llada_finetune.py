@@ -127,10 +127,13 @@ class Trainer:
         self.prompt_cache = {}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.gen = torch.Generator(self.device).manual_seed(a.seed + self.rank)
+        self.check_gen = torch.Generator(self.device).manual_seed(a.seed + self.rank + 10 ** 6)   # the health
+        # check's own draws: it does not change the training
         torch.manual_seed(a.seed + self.rank)                          # LoRA dropout, per rank
         n = int(math.ceil(a.a_max / a.eta - 1e-9))
         self.a_grid = [min(k * a.eta, a.a_max) for k in range(n + 1)]
         self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
+        self.held = None                                               # the phase's held-out rollouts
         self.rollout_batch = None if a.rollout_batch == "auto" else a.rollout_batch
         self.path = os.path.join(a.out, f"state_rank{self.rank}.pt")
         self.stop = False
@@ -140,7 +143,7 @@ class Trainer:
 
     # ---- rollouts
     @torch.no_grad()
-    def rollouts(self, prompt_ids):
+    def rollouts(self, prompt_ids, gen=None):
         """`completions` teacher rollouts of each prompt: {idx, comp (n, G), r (n,)}."""
         a, C = self.args, self.args.completions
         rows = [i for i in prompt_ids for _ in range(C)]
@@ -157,7 +160,7 @@ class Trainer:
             ids, am = left_pad([self.prompt(i) for i in chunk], self.cfg.eos_token_id, self.device)
             with teacher_mode(self.model), self.autocast():
                 comp = generate(self.model, ids, am, a.gen_length, a.gen_length // a.tokens_per_step,
-                                a.block_length, a.temperature, generator=self.gen, cache=a.rollout_cache)
+                                a.block_length, a.temperature, generator=gen or self.gen, cache=a.rollout_cache)
             comps.append(comp)
             rs += [self.reward_of(decode(self.tok, c, self.cfg), self.items[i])
                    for c, i in zip(comp.tolist(), chunk)]
@@ -171,8 +174,8 @@ class Trainer:
             self.prompt_cache[i] = chat_prompt(self.tok, self.prompt_of(self.items[i]))
         return self.prompt_cache[i]
 
-    def draw_prompts(self, n):
-        return torch.randint(len(self.items), (n,), generator=self.gen, device=self.device).tolist()
+    def draw_prompts(self, n, gen=None):
+        return torch.randint(len(self.items), (n,), generator=gen or self.gen, device=self.device).tolist()
 
     def refresh(self):
         """Replace the rollouts of refresh_prompts prompt slots with new prompts' (from the teacher)."""
@@ -184,24 +187,59 @@ class Trainer:
             self.buffer[k][rows] = new[k]
 
     # ---- one optimiser step
-    def loss(self, rows, eta, log_Z, r):
+    def inputs(self, data, rows):
+        """x1, x_t, attention mask, the counted masks and the time weight of rows of data (the buffer or the
+        held-out set): prompt + completion, SAR-masked afresh, or by data's own fixed masks (c_t, counted, tw)."""
         a, cfg = self.args, self.cfg
-        prompts = [self.prompt(i) for i in self.buffer["idx"][rows].tolist()]
+        prompts = [self.prompt(i) for i in data["idx"][rows].tolist()]
         ids, am = left_pad(prompts, cfg.eos_token_id, self.device)
-        comp = self.buffer["comp"][rows]
-        c_t, counted, tw, _ = sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)
+        comp = data["comp"][rows]
+        c_t, counted, tw = (data[k][rows] for k in ("c_t", "counted", "tw")) if "c_t" in data else \
+            sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)[:3]
         if a.weighting == "released":                   # 1/n over the counted masks: the hazard's mean
             tw = 1.0 / counted.sum(1).clamp_min(1).float()
         x1, x_t = torch.cat([ids, comp], 1), torch.cat([ids, c_t], 1)
         am = torch.cat([am, torch.ones_like(comp)], 1)
         where = torch.cat([torch.zeros_like(ids, dtype=torch.bool), counted], 1)  # the active block's masks
+        return x1, x_t, am, where, tw
+
+    def loss(self, rows, eta, log_Z, r):
+        x1, x_t, am, where, tw = self.inputs(self.buffer, rows)
         with self.autocast():
             logits = self.model(x_t, am, where)
             teacher_logits = None
-            if a.phi != 0:
+            if self.args.phi != 0:
                 with torch.no_grad(), teacher_mode(self.model):
                     teacher_logits = self.model(x_t, am, where)
-        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi, log_Z=log_Z[rows])
+        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, self.args.phi, log_Z=log_Z[rows])
+
+    # ---- the health check of a phase (dtm.py: phase_objective)
+    def held_out(self):
+        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, SAR-masked once."""
+        h = self.rollouts(self.draw_prompts(self.args.held_out_prompts, self.check_gen), self.check_gen)
+        h["c_t"], h["counted"], h["tw"], _ = sar_mask(h["comp"], self.args.block_length, self.cfg.mask_token_id,
+                                                      self.check_gen)
+        return h
+
+    @torch.no_grad()
+    def phase_objective(self, eta, student):
+        """The phase's own objective on the held-out set, per rollout (dtm.py: phase_objective): eq. 16 with
+        Z over the set (per prompt or pooled, as --z). student=False: the teacher's, at the phase's start."""
+        a, h = self.args, self.held
+        r = h["r"] - h["r"].min()
+        log_Z = group_log_mean_exp(eta * r.double(), h["idx"] if a.z == "prompt" else None)
+        self.model.eval()
+        out = []
+        for rows in torch.arange(len(r), device=self.device).split(a.micro_batch or a.batch):
+            x1, x_t, am, where, tw = self.inputs(h, rows)
+            with self.autocast():
+                with teacher_mode(self.model):
+                    teacher_logits = self.model(x_t, am, where)
+                logits = self.model(x_t, am, where) if student else teacher_logits
+            out.append(dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, a.phi, log_Z=log_Z[rows],
+                                per_sequence=True))
+        self.model.train()
+        return torch.cat(out).double()
 
     def train_step(self, eta):
         a = self.args
@@ -249,8 +287,10 @@ class Trainer:
     def save(self):
         """Every rank writes its own buffer and RNG states; the adapters and AdamW, the same on every
         rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
-        state = dict(buffer=self.buffer, phase=self.phase, step=self.step, global_step=self.global_step, ema=self.ema,
-                     gen=self.gen.get_state(), rng=torch.get_rng_state(), args=vars(self.args),
+        state = dict(buffer=self.buffer, held=self.held, phase=self.phase, step=self.step,
+                     global_step=self.global_step, ema=self.ema,
+                     gen=self.gen.get_state(), check_gen=self.check_gen.get_state(), rng=torch.get_rng_state(),
+                     args=vars(self.args),
                      cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                      lora_checksum=sum(p.double().sum().item() for p in self.params))   # equal on all ranks
         if self.rank == 0:
@@ -283,11 +323,14 @@ class Trainer:
         except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot resume ({str(e).splitlines()[0]})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
+        self.held = s.get("held")
         if shared["opt"] is not None:
             self.opt = self.new_optimizer()
             self.opt.load_state_dict(shared["opt"])
         self.ema = s.get("ema")
         self.gen.set_state(s["gen"].cpu())
+        if "check_gen" in s:
+            self.check_gen.set_state(s["check_gen"].cpu())
         torch.set_rng_state(s["rng"].cpu())
         if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU
             torch.cuda.set_rng_state(s["cuda_rng"].cpu(), self.device)
@@ -314,6 +357,9 @@ class Trainer:
                     self.ema = [p.detach().clone() for p in self.params] if a.ema else None
                     self.opt = self.new_optimizer()
                     self.buffer = self.rollouts(self.draw_prompts(a.buffer_prompts))
+                    if a.held_out_prompts:
+                        self.held = self.held_out()
+                        self.held["j_teacher"] = self.phase_objective(eta, student=False)
                     self.log(phase=k, a=self.a_grid[k - 1], buffer_reward=self.buffer["r"].mean().item(),
                              rollout_s=round(time.time() - t0, 1))
                 bar = tqdm(total=a.steps_per_phase, initial=self.step, disable=self.rank != 0,
@@ -338,6 +384,13 @@ class Trainer:
                     with torch.no_grad():                               # the student (and so the
                         for e, p in zip(self.ema, self.params):         # next phase's teacher)
                             p.copy_(e)
+                if a.held_out_prompts and self.held is not None:        # the health check
+                    d = self.phase_objective(eta, student=True) - self.held["j_teacher"]
+                    check = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / len(d) ** 0.5).item())
+                    self.log(phase=k, a=self.a_grid[k], **check)
+                    if self.rank == 0:
+                        print(f"phase {k}: held-out objective change {check['held_out_change']:.2e} ± "
+                              f"{check['held_out_change_se']:.1e} (< 0 by more than its SE: the phase learned)")
                 self.phase, self.step = self.phase + 1, 0
                 self.save()
                 if self.rank == 0:
@@ -417,6 +470,10 @@ def parser():
     g.add_argument("--refresh_prompts", type=int, help="prompts replaced at each refresh")
     g.add_argument("--refresh_every", type=int, help="steps between refreshes")
     g.add_argument("--temperature", type=float, help="rollout temperature")
+    g.add_argument("--held_out_prompts", type=int, default=16,
+                   help="prompts whose teacher rollouts each phase holds out for its health check, the change "
+                        "of its objective there (< 0 by more than its SE: the phase learned; else it fitted "
+                        "noise); 0: off")
     g.add_argument("--z", choices=["prompt", "buffer"],
                    help="Z = E_a[e^{eta r}] per prompt or over the whole buffer")
     s = p.add_argument_group("sampling and model")

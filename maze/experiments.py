@@ -9,6 +9,7 @@ the loop itself is not copied here.
     python -m maze.experiments run --r_offset 0.5 --out runs/off05      # another constant added to r
     python -m maze.experiments run --states path --out runs/path        # the sampler's own states
     python -m maze.experiments sweep --a_max 2 --out runs/sweep --figures figures   # paper Fig. 2/5
+    python -m maze.experiments budget --out runs/budget --end_rollouts_per_prompt 16 --held_out_per_prompt 64
     python -m maze.experiments bench                                     # a DTM step against an ELBO step
     python -m maze.experiments run --help                                # every flag (dtm.py's too)
 """
@@ -28,10 +29,10 @@ if __package__ in (None, ""):
 import dtm                                                                                     # noqa: E402
 from dtm import dtm_loss, group_log_mean_exp                                                   # noqa: E402
 from maze import env                                                                           # noqa: E402
-from maze.figures import plot_sweep, rollouts_file                                             # noqa: E402
+from maze.figures import plot_budget, plot_sweep, rollouts_file                                             # noqa: E402
 from maze.mdm import PROMPT_LEN, CheckpointError, elbo_loss, load, mask_along_path, mask_completions  # noqa: E402
 
-NAMES = ("run", "sweep", "bench")
+NAMES = ("run", "sweep", "budget", "bench")
 
 
 def shuffled(r, generator):
@@ -49,7 +50,7 @@ class Variant(dtm.Paper):
     def __init__(self, args):
         super().__init__(args)
         self.keeps_paths = args.states == "path"
-        self.ema = None
+        self.ema = self.mean = None
 
     def optimizer(self, model):
         a = self.args
@@ -99,8 +100,20 @@ class Variant(dtm.Paper):
             with torch.no_grad():
                 for e, q in zip(self.ema, model.parameters()):
                     e.lerp_(q, 1 - a.ema)
+        start = a.steps_per_phase - max(1, round(a.average * a.steps_per_phase))
+        if a.average and step >= start:                                # Polyak-Ruppert: the running mean of
+            with torch.no_grad():                                      # the last iterates of the phase
+                if step == start:
+                    self.mean = [q.detach().clone() for q in model.parameters()]
+                for m, q in zip(self.mean, model.parameters()):
+                    m.lerp_(q, 1 / (step - start + 1))
 
     def end_phase(self, model):
+        if self.mean is not None:                                      # the mean is the next p_a
+            with torch.no_grad():
+                for m, q in zip(self.mean, model.parameters()):
+                    q.copy_(m)
+            self.mean = None
         if self.ema is not None:                                       # the EMA is the next p_a
             with torch.no_grad():
                 for e, q in zip(self.ema, model.parameters()):
@@ -212,6 +225,64 @@ def sweep(args):
     return results
 
 
+# ----------------------------------------------------------------------------- the per-phase budget
+# One phase from the base, a = 0 -> eta, at more compute per phase: (name, flags over the main command's).
+# Its buffer comes from the base's reference rollouts, which phase 1 has for free (no refresh needed).
+BUDGET = [("c1", {}), ("c1avg", dict(average=0.5)),
+          ("c4", dict(batch=256, rollouts_per_prompt=64, refresh_every=10 ** 6)),
+          ("c4avg", dict(batch=256, rollouts_per_prompt=64, refresh_every=10 ** 6, average=0.5)),
+          ("c16avg", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=256, refresh_every=10 ** 6, average=0.5)),
+          ("c16avg_m64", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=64, refresh_every=10 ** 6,
+                              average=0.5)),
+          ("c16avg_m1024", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=1024, refresh_every=10 ** 6,
+                                average=0.5))]
+
+
+def budget(args):
+    """The health check against per-phase compute: each BUDGET config (--budget: which) for every --seeds,
+    one phase of size --eta from the base, in OUT/{name}_s{seed}/ (kept: a finished run is reused). Compute
+    is sequences trained per phase (batch x steps) over the default's 64 x 50, and the buffer's rollouts.
+    Writes OUT/budget.json, OUT/budget.md and FIGURES/budget_eta{eta}.png: the held-out change over the most
+    a phase can gain (-1: the phase reached its minimiser; > 0: it fitted noise), and the realised fraction."""
+    rows = []
+    for name, flags in [c for c in BUDGET if c[0] in args.budget]:
+        for seed in args.seeds:
+            sub = copy.copy(args)
+            sub.a_max, sub.seed, sub.out = args.eta, seed, os.path.join(args.out, f"{name}_s{seed}")
+            sub.figures = sub.out
+            for k, val in flags.items():
+                setattr(sub, k, val)
+            done = os.path.join(sub.out, "metrics.json")
+            with open(done) if os.path.isfile(done) else open(os.devnull) as f:
+                history = json.loads(f.read() or "[]")
+            h = history[1] if len(history) == 2 else run(sub)[1]
+            most = h["max_gain"] if h["max_gain"] > 0 else math.nan        # 0: every reward equal, no tilt
+            rows.append(dict(name=name, seed=seed, compute=sub.batch * sub.steps_per_phase / (64 * 50),
+                             relative=h["held_out_change"] / most, relative_se=h["held_out_change_se"] / most,
+                             buffer=sub.rollouts_per_prompt, **{k: h[k] for k in (
+                                 "held_out_change", "held_out_change_se", "max_gain", "realised_validity",
+                                 "realised_validity_se", "realised_reward", "train_s")}))
+            tqdm.write(f"budget: {name} seed {seed}: held-out change {h['held_out_change']:.2e} ± "
+                       f"{h['held_out_change_se']:.1e}, most -{h['max_gain']:.1e}")
+    with open(os.path.join(args.out, "budget.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    lines = ["| config | compute | buffer / prompt | seeds | held-out change (mean ± SE over seeds) | "
+             "over the most | realised validity | train s |", "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        g = [r for r in rows if r["name"] == name]
+        d = np.array([r["held_out_change"] for r in g])
+        se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else g[0]["held_out_change_se"]
+        lines.append(f"| {name} | {g[0]['compute']:g}x | {g[0]['buffer']} | {len(g)} | {d.mean():.2e} ± {se:.1e} | "
+                     f"{np.mean([r['relative'] for r in g]):+.2f} | "
+                     f"{np.mean([r['realised_validity'] for r in g]):.2f} | {np.mean([r['train_s'] for r in g]):.0f} |")
+    with open(os.path.join(args.out, "budget.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_budget(rows, f"one phase from the base, eta = {args.eta:g} (each point a seed)",
+                os.path.join(args.figures, f"budget_eta{args.eta:g}.png"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- benchmark
 def bench(args, reps=20):
     """Seconds per optimiser step, ELBO against DTM (phi = 1), on the same model and batch: the mean of
@@ -283,9 +354,16 @@ def parser():
                                                                                   "over every phase")
     g.add_argument("--ema", type=float, default=0.0, help="the released teacher: an EMA of the model (this "
                                                           "decay) becomes the model at each phase end; 0: off")
+    g.add_argument("--average", type=float, default=0.0, help="iterate averaging: the mean of the iterates of "
+                                                               "this last fraction of each phase becomes the "
+                                                               "model; 0: off")
     g.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
     g.add_argument("--sample_steps", type=int, help="sampler steps (default: one per token)")
+    g = p.add_argument_group("budget")
+    g.add_argument("--budget", nargs="+", choices=[c[0] for c in BUDGET], default=[c[0] for c in BUDGET],
+                   help="configs (maze.experiments.BUDGET)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="a run of each config per seed")
     g = p.add_argument_group("sweep")
     g.add_argument("--sweep_etas", type=float, nargs="+", default=[2.0, 1.0, 0.5, 0.25, 0.1], help="etas")
     g.add_argument("--sweep_steps", type=int, default=300, help="optimiser steps per run, in all")
@@ -297,6 +375,8 @@ def parse(argv=None):
     args = dtm.parse(argv, p)
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1) (got {args.ema})")
+    if not 0 <= args.average <= 1 or (args.average and args.ema):
+        p.error(f"--average must be in [0, 1], and not with --ema (got {args.average})")
     return args
 
 
@@ -308,6 +388,8 @@ def main(argv=None):
             return bench(args)
         if args.name == "sweep":
             return sweep(args)
+        if args.name == "budget":
+            return budget(args)
         history = run(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")

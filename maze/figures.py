@@ -6,7 +6,9 @@ history to OUT/metrics.json; from them:
                   (the same as a goes up) and curves_*.png (validity, reward and diversity against a,
                   next to the exact tilt of the base, with ±1 standard-error bands and bars);
   - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `python -m maze.experiments
-                  sweep`, rows and columns labelled, with every prompt's valid share under each panel.
+                  sweep`, rows and columns labelled, with every prompt's valid share under each panel;
+  - `plot_budget`: budget_eta*.png, the health check and realised fraction of `python -m maze.experiments
+                  budget` against the compute of a phase.
 """
 import os
 
@@ -130,4 +132,36 @@ def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, 
     fig.tight_layout()
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
     fig.savefig(png, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_budget(rows, title, png):
+    """`python -m maze.experiments budget`: each seed's held-out change over the most a phase can gain
+    (left) and realised fraction of validity (right) against the phase's compute, one colour per buffer size."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    buffers = sorted({r["buffer"] for r in rows})
+    for r in rows:
+        c = f"C{buffers.index(r['buffer'])}"
+        x = r["compute"] * (1.06 if "avg" in r["name"] else 0.94)             # averaged iterates: to the right
+        marker = "o" if "avg" in r["name"] else "x"
+        axes[0].errorbar(x, r["relative"], r["relative_se"], fmt=marker, color=c, capsize=2)
+        axes[1].errorbar(x, r["realised_validity"], r["realised_validity_se"], fmt=marker, color=c, capsize=2)
+    for ax, ylabel in zip(axes, ["held-out change / most it can gain", "realised fraction (validity)"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("sequences trained per phase, over the default's 64 x 50")
+        ax.set_ylabel(ylabel)
+        ax.axhline(0, color="k", lw=0.8)
+    axes[0].axhline(-1, color="k", ls="--", lw=0.8)
+    axes[0].text(0.02, 0.04, "-1: the phase's minimiser; above 0: it fitted noise", transform=axes[0].transAxes,
+                 fontsize=8)
+    handles = [plt.Line2D([], [], color=f"C{i}", marker="s", ls="", label=f"buffer {b} / prompt")
+               for i, b in enumerate(buffers)]
+    handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=lab) for m, lab in
+                (("x", "last iterate"), ("o", "mean of the last half's iterates"))]
+    axes[1].legend(handles=handles, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    fig.savefig(png, dpi=90)
     plt.close(fig)

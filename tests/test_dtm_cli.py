@@ -1,5 +1,6 @@
 """dtm.py and maze/mdm.py as a user runs them: a tiny end-to-end run, resume, and clear errors on bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from maze.mdm import load, sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--a_max", "0.2", "--eta", "0.1", "--steps_per_phase", "3", "--batch", "16",
         "--rollouts_per_prompt", "2", "--refresh_every", "2",
-        "--end_rollouts_per_prompt", "3", "--reference_per_prompt", "4"]
+        "--end_rollouts_per_prompt", "3", "--reference_per_prompt", "4", "--held_out_per_prompt", "2"]
 FAST = ["--sample_steps", "4"]                 # maze/experiments.py's flag: 4 sampler steps, not 64
 
 
@@ -43,13 +44,28 @@ def test_smoke_run_writes_metrics_and_figures(tiny_base, tmp_path):
         assert 0 <= h["exact_validity"] <= 1 and h["exact_ess"] > 0
     assert all(k in saved[-1] for k in ("loss", "distinct_valid_per_prompt", "cells_covered_per_prompt",
                                         "realised_validity", "realised_reward_se", "teacher_target_reward"))
-    assert [h["n"] for h in saved] == [4 * 8, 2 * 8, 3 * 8]             # reference, buffer, end rollouts
+    assert [h["n"] for h in saved] == [4 * 8, 4 * 8, 3 * 8]             # reference, buffer + held out, end
     for name in ("rollouts_phi1_eta0.1.png", "curves_phi1_eta0.1.png", "rollouts_phi1_eta0.1.gif"):
         assert os.path.getsize(os.path.join(figs, name)) > 10_000
     with open(os.path.join(figs, "metrics_phi1_eta0.1.json")) as f:
         assert json.dumps(json.load(f)) == json.dumps(history)
     model, ck = load(os.path.join(out, "state.pt"))
     assert len(ck["history"]) == 3
+
+
+def test_every_phase_reports_its_held_out_change_which_is_zero_when_the_model_does_not_move(tiny_base, tmp_path,
+                                                                                          monkeypatch):
+    """The health check: J(student) - J(teacher) on held-out teacher rollouts, with the most it can gain.
+    At lr 0 the student is its teacher, so the change is exactly 0; at the default lr it is not. (The tiny
+    base's rollouts are all invalid, so the rewards here are a made-up function of the completion.)"""
+    rollouts = dtm.rollouts
+    made_up = lambda x1, r, v, rank: (x1, (x1[..., 3:].sum(-1) % 97).float() / 100, v, rank)    # noqa: E731
+    monkeypatch.setattr(dtm, "rollouts", lambda *a, **k: made_up(*rollouts(*a, **k)))
+    for lr in ("0", "0.02"):
+        history = dtm.run(parse(TINY + ["--base", tiny_base, "--out", str(tmp_path / lr), "--lr", lr]))
+        for h in history[1:]:
+            assert math.isfinite(h["held_out_change_se"]) and h["max_gain"] >= 0
+            assert (h["held_out_change"] == 0.0) == (lr == "0")
 
 
 def test_figures_go_under_out_unless_asked_for(tiny_base, tmp_path):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dtm import dtm_loss, group_log_mean_exp
+from dtm import dtm_loss, group_log_mean_exp, max_gain
 from maze.mdm import PROMPT_LEN, elbo_loss
 
 V, L = 3, 3
@@ -100,6 +100,42 @@ def test_minimising_expected_dtm_loss_over_free_logits_recovers_tilted_posterior
     exact = target[state[where[:, 0]], where[:, 1]]
     torch.testing.assert_close(learned, exact, rtol=0, atol=1e-6)
     assert (exact - torch.softmax(teacher_logits, -1)).abs().max() > 0.05  # the tilt moved it
+
+
+def test_the_most_a_phase_can_lower_its_objective_is_the_kl_of_the_tilt_per_token():
+    """Prop. 3.4 with equality: with exact posteriors (a self-consistent teacher) and the ELBO's hazard time
+    weight, the phase objective falls from the teacher to the tilted posteriors by exactly
+    KL(p_{a+eta} || p_a) / L, the bound `max_gain` estimates from rollouts (here: exact on equal-weight ones)."""
+    seqs, p_a, r, patterns = toy(2)
+    eta = 0.8
+    x1, mask, x_t, state, _ = batch_of_all_states(seqs, p_a, patterns)
+    m = mask.sum(1)
+    # P(this pattern | t) lambda(t) / L integrated over t ~ U(0, 1): int (1-t)^{m-1} t^{L-m} dt / L
+    hazard = torch.tensor([math.factorial(k - 1) * math.factorial(L - k) / math.factorial(L) / L if k else 0.0
+                           for k in m.tolist()], dtype=torch.float64)
+    tw = p_a.repeat_interleave(len(patterns)) * hazard * len(x1)
+    r_b, tilt = r.repeat_interleave(len(patterns)), p_a * torch.exp(eta * r)
+    where = mask.nonzero()
+    post = {name: torch.stack([posterior(seqs, w, x_t[b], i).log() for b, i in where.tolist()])
+            for name, w in (("teacher", p_a), ("tilted", tilt))}
+    log_Z = torch.full_like(r_b, tilt.sum().log().item())
+
+    def J(logits):
+        return dtm_loss(logits, post["teacher"], x1, mask, r_b, tw, eta, 1.0, log_Z=log_Z).item()
+    q = tilt / tilt.sum()
+    kl = (q * (q / p_a).log()).sum().item()
+    assert J(post["teacher"]) - J(post["tilted"]) == pytest.approx(kl / L, rel=1e-10)
+    assert kl > 0.01                                                       # a gain that could be missed
+    rows = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = torch.softmax(eta * rows, 1)                                      # 3 prompts, 5 equal-weight rollouts
+    assert max_gain(rows.numpy(), eta, L) == pytest.approx((q * (q * 5).log()).sum(1).mean().item() / L, rel=1e-12)
+
+
+def test_per_sequence_terms_average_to_the_loss():
+    x1, mask, logits, reward, tw, group = random_batch()
+    terms = dtm_loss(logits, logits + 0.3, x1, mask, reward, tw, 0.7, 1.0, group, per_sequence=True)
+    assert terms.shape == (len(x1),)
+    torch.testing.assert_close(terms.mean(), dtm_loss(logits, logits + 0.3, x1, mask, reward, tw, 0.7, 1.0, group))
 
 
 def random_batch(B=6, T=PROMPT_LEN + 5, V=7, seed=0, dtype=torch.float64):

@@ -121,7 +121,7 @@ def test_shuffle_rewards_trains_on_permuted_rewards_and_measures_the_true_ones(t
         out = str(tmp_path / name)
         seen.clear()
         history = experiments.run(parse(TINY + ["--base", tiny_base, "--out", out, "--rollouts_per_prompt", "8",
-                                            "--reference_per_prompt", "8", "--refresh_every", "100", *extra]))
+                                            "--reference_per_prompt", "10", "--refresh_every", "100", *extra]))
         last_phase = seen[-3:]                             # 3 steps; its buffer: the end rollouts of phase 1
         matches = torch.cat([(r - 1.0 - own(x1[:, 3:])).abs() < 1e-6 for x1, r in last_phase]).float().mean()
         if share is not None:
@@ -156,3 +156,45 @@ def test_run_with_no_variant_flag_is_dtm_py_itself(tiny_base, tmp_path):
         runner(args(TINY + ["--base", tiny_base, "--out", out]))
         final[name] = load(os.path.join(out, "state.pt"))[0].state_dict()
     assert all(torch.equal(final["dtm"][k], final["experiments"][k]) for k in final["dtm"])
+
+
+def test_iterate_averaging_makes_the_mean_of_the_last_iterates_the_model(tiny_base, tmp_path, monkeypatch):
+    """--average 0.5 over a 4-step phase: the model after the phase is the mean of the iterates after steps
+    3 and 4 (what the last iterate would have been is recorded at each step)."""
+    seen = []
+    after_step = experiments.Variant.after_step
+
+    def recording(self, model, opt, step):
+        seen.append([q.detach().clone() for q in model.parameters()])
+        return after_step(self, model, opt, step)
+    monkeypatch.setattr(experiments.Variant, "after_step", recording)
+    out = str(tmp_path / "avg")
+    experiments.run(parse(TINY + ["--base", tiny_base, "--out", out, "--a_max", "0.1", "--steps_per_phase", "4",
+                                  "--average", "0.5", "--r_offset", "0.5"]))      # c = 0.5: non-zero gradients
+    final = list(load(os.path.join(out, "state.pt"))[0].parameters())
+    for q, a, b in zip(final, seen[2], seen[3]):
+        torch.testing.assert_close(q, (a + b) / 2)
+    assert any(not torch.equal(a, b) for a, b in zip(seen[2], seen[3]))     # the two iterates differ
+
+
+def test_budget_runs_one_phase_per_config_and_seed_and_reuses_finished_runs(tiny_base, tmp_path):
+    out = str(tmp_path / "budget")
+    argv = ["budget"] + TINY + FAST + ["--base", tiny_base, "--out", out, "--budget", "c1", "c1avg", "--seeds", "0"]
+    rows = experiments.main(argv)
+    assert [(r["name"], r["seed"], r["compute"]) for r in rows] == [("c1", 0, 16 * 3 / (64 * 50)),
+                                                                     ("c1avg", 0, 16 * 3 / (64 * 50))]
+    assert os.path.isfile(os.path.join(out, "budget_eta0.1.png")) and os.path.isfile(os.path.join(out, "budget.md"))
+    assert json.load(open(os.path.join(out, "c1_s0", "metrics.json")))[1]["a"] == 0.1   # one phase
+    assert json.dumps(experiments.main(argv)) == json.dumps(rows)           # reused, not run again (NaN as text)
+
+
+def test_the_health_check_does_not_change_the_training(tiny_base, tmp_path):
+    """Its rollouts and maskings come from a generator of their own: the same seed trains the same
+    model whatever the number of held-out rollouts, and it does move (the first test's runs)."""
+    final = []
+    for h in ("2", "3"):
+        out = str(tmp_path / h)
+        experiments.run(parse(TINY + ["--base", tiny_base, "--out", out, "--held_out_per_prompt", h,
+                                      "--r_offset", "0.5"]))             # c = 0.5: it moves
+        final.append(load(os.path.join(out, "state.pt"))[0].state_dict())
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])

@@ -66,7 +66,7 @@ def train_args(tiny_dir, out, *extra):
             "--steps_per_phase", "2", "--batch", "4", "--micro_batch", "2", "--buffer_prompts", "3",
             "--completions", "2", "--refresh_prompts", "1", "--refresh_every", "1", "--lora_r", "4",
             "--lr", "1e-2", "--min_lr", "1e-3", "--save_every", "0", "--rollout_batch", "4", "--device", "cpu",
-            *extra]
+            "--held_out_prompts", "2", *extra]
 
 
 def adapters(path):
@@ -90,6 +90,25 @@ def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path, pr
     rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
     assert [r["global_step"] for r in rows if "global_step" in r] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_every_phase_logs_its_held_out_change_which_is_zero_when_the_adapters_do_not_move(tiny, tmp_path):
+    """The health check: J(student) - J(teacher) on the phase's held-out rollouts. At lr 0 the student
+    is the teacher, so the change is exactly 0; at lr 1e-2 it is not. Its draws have a generator of
+    their own: with the check off, the run trains the same adapters."""
+    for lr, out in (("0", str(tmp_path / "still")), ("1e-2", str(tmp_path / "moving"))):
+        lf.main(train_args(tiny[0], out, "--a_max", "1.0", "--lr", lr, "--min_lr", lr))
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        checks = [r for r in rows if "held_out_change" in r]
+        assert [r["phase"] for r in checks] == [1, 2]
+        assert all(math.isfinite(r["held_out_change_se"]) for r in checks)
+        changes = [r["held_out_change"] for r in checks]
+        assert changes == [0.0, 0.0] if lr == "0" else all(c != 0.0 for c in changes)
+    off = str(tmp_path / "off")
+    lf.main(train_args(tiny[0], off, "--a_max", "1.0", "--lr", "1e-2", "--min_lr", "1e-2", "--held_out_prompts", "0"))
+    a, b = adapters(os.path.join(off, "state_rank0.pt")), adapters(os.path.join(out, "state_rank0.pt"))
+    assert all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+    assert not any("held_out_change" in json.loads(line) for line in open(os.path.join(off, "metrics.jsonl")))
 
 
 def test_training_with_the_dual_cache_sampler_for_rollouts_runs_to_an_adapter(tiny, tmp_path):
