@@ -12,7 +12,9 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
     python dtm.py --resume                   # go on after the last finished phase of runs/dtm (--help: all flags)
 
 The exact target: 2,048 cached rollouts per prompt of the base (`base_reference`) reweighted by e^{a r}
-(`tilted_means`). The variants that only the findings use are in maze/experiments.py.
+(`tilted_means`). Each phase's health check: its own loss on held-out teacher rollouts, student minus
+teacher, against the most it can gain (`phase_objective`, `max_gain`); a phase that does not lower it
+has fitted noise. The variants that only the findings use are in maze/experiments.py.
 """
 import argparse
 import copy

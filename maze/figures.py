@@ -4,7 +4,8 @@ A run writes its rollouts at every measured tilt a to OUT/rollouts_a{a}.npy (`ro
 history to OUT/metrics.json; from them:
   - `plot_run`:   rollouts_*.png (the first rollouts of 4 prompts before and after), rollouts_*.gif
                   (the same as a goes up) and curves_*.png (validity, reward and diversity against a,
-                  next to the exact tilt of the base, with ±1 standard-error bands and bars);
+                  next to the exact tilt of the base, with ±1 standard-error bands and bars, and each
+                  phase's health check);
   - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `python -m maze.experiments
                   sweep`, rows and columns labelled, with every prompt's valid share under each panel;
   - `plot_budget`: budget_eta*.png, the health check and realised fraction of `python -m maze.experiments
@@ -74,7 +75,7 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
                                                    writer=PillowWriter(fps=2), dpi=110)
     plt.close(fig)
     a = np.array([h["a"] for h in history])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     h0, h1 = history[0], history[-1]
     for ax, key, label in zip(axes[:2], ("validity", "reward"), ("validity", "mean reward")):
         for pre, name, colour in (("exact_", "exact tilt of the base", "k"), ("", "DTM", "tab:red")):
@@ -99,6 +100,19 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
     axes[2].set_title(f"distinct valid paths among {M} rollouts / prompt\n(bars: ±1 SE over the 8 prompts)",
                       fontsize=9)
     axes[2].set_xlabel("tilt a")
+    checked = [h for h in history[1:] if "held_out_change" in h]
+    if checked:                                                        # each phase's health check
+        t = [h["a"] for h in checked]
+        axes[3].errorbar(t, [h["held_out_change"] for h in checked], yerr=[h["held_out_change_se"] for h in checked],
+                         fmt="o", color="tab:red", ms=3, capsize=2, label="held-out change, student - teacher")
+        axes[3].plot(t, [-h["max_gain"] for h in checked], "_", color="k", ms=12, mew=2,
+                     label="the most a phase can gain")
+        axes[3].axhline(0, color="k", lw=0.8)
+        axes[3].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        axes[3].legend(fontsize=7)
+    axes[3].set_title("each phase's own loss on held-out rollouts\n(below 0: it learned; above: it fitted noise)",
+                      fontsize=9)
+    axes[3].set_xlabel("tilt a at the phase's end")
     fig.suptitle(f"{title} (bands: ±1 standard error)")
     fig.tight_layout()
     fig.savefig(os.path.join(figures, f"curves_{tag}.png"), dpi=90)
@@ -149,6 +163,9 @@ def plot_budget(rows, title, png):
         axes[1].errorbar(x, r["realised_validity"], r["realised_validity_se"], fmt=marker, color=c, capsize=2)
     for ax, ylabel in zip(axes, ["held-out change / most it can gain", "realised fraction (validity)"]):
         ax.set_xscale("log")
+        ticks = sorted({r["compute"] for r in rows})
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("sequences trained per phase, over the default's 64 x 50")
         ax.set_ylabel(ylabel)
         ax.axhline(0, color="k", lw=0.8)
