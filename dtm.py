@@ -1,4 +1,4 @@
-"""Discrete Tilt Matching (DTM) on the 41x41 maze: the loss, the exact target, and the annealing loop.
+"""Discrete Tilt Matching (DTM) on the 41x41 maze: the loss, a phase's health check, and the annealing loop.
 
 A masked diffusion model cannot compute the likelihood of a sequence, so it cannot be fine-tuned
 towards a reward r by policy gradients on log p(x). DTM instead anneals the tilted law
@@ -11,10 +11,10 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
     python dtm.py --phi 0 --eta 0.1          # the reward-weighted ELBO (no control variate)
     python dtm.py --resume                   # go on after the last finished phase of runs/dtm (--help: all flags)
 
-The exact target: 2,048 cached rollouts per prompt of the base (`base_reference`) reweighted by e^{a r}
-(`tilted_means`). Each phase's health check: its own loss on held-out teacher rollouts, student minus
-teacher, against the most it can gain (`phase_objective`, `max_gain`); a phase that does not lower it
-has fitted noise. The variants that only the findings use are in maze/experiments.py.
+The exact target (maze/exact.py): 2,048 cached rollouts per prompt of the base (`base_reference`)
+reweighted by e^{a r} (`tilted_means`). Each phase's health check: its own loss on held-out teacher
+rollouts, student minus teacher, against the most it can gain (`phase_objective`, `max_gain`); a phase
+that does not lower it has fitted noise. The variants that only the findings use are in maze/experiments.py.
 """
 import argparse
 import copy
@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from maze import env
 from maze.figures import plot_run, rollouts_file
-from maze.mdm import (CheckpointError, Config, Help, cached_rollouts, evaluate, load, mask_completions, pretrain,
-                      save, with_prompts, parser as mdm_parser)
+from maze.exact import base_reference, measure, tilted_means
+from maze.mdm import (CheckpointError, Config, Help, evaluate, load, mask_completions, pretrain, save, with_prompts,
+                      parser as mdm_parser)
 
 DEFAULT_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maze", "base.pt")
-REFERENCE_SEED = 1234                 # the base's reference rollouts are a property of the base, not of a run
 HELD_OUT_MASKINGS = 4                 # fixed maskings of each held-out rollout (the phase's health check)
 
 
@@ -125,48 +125,6 @@ def stratified(P, n, batch, generator):
     return torch.arange(P)[:, None].expand_as(j), j
 
 
-# ----------------------------------------------------------------------------- the exact target
-def tilted_means(reward, valid, a):
-    """Validity and mean reward under p e^{a r} / Z from rollouts (P, n) of p, by self-normalised importance
-    weights w = e^{a r} per prompt, averaged over prompts (a = 0: plain means). Delta-method standard errors,
-    se_p^2 = sum_j w_j^2 (f_j - f_p)^2 / (sum_j w_j)^2, as sqrt(sum_p se_p^2) / P; ess = sum_p (sum w)^2 / sum w^2."""
-    r = np.asarray(reward, dtype=np.float64)
-    logw = a * r
-    w = np.exp(logw - logw.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    out = dict(ess=float((1.0 / (w ** 2).sum(1)).sum()))
-    for name, f in (("validity", np.asarray(valid, dtype=np.float64)), ("reward", r)):
-        mean = (w * f).sum(1)                                          # (P,)
-        var = (w ** 2 * (f - mean[:, None]) ** 2).sum(1)
-        out[name], out[name + "_se"] = float(mean.mean()), float(np.sqrt(var.sum()) / len(r))
-    return out
-
-
-def realised_fraction(now, exact, base):
-    """(v_a - v_0) / (v*_a - v_0): how much of the exact tilt's gain the model realised, for validity
-    and reward, with a first-order standard error (v_0 and v*_a come from the same reference rollouts;
-    their covariance is ignored, which overstates the error). NaN where the exact tilt gains nothing."""
-    out = {}
-    for k in ("validity", "reward"):
-        gain = exact[k] - base[k]
-        if gain == 0:
-            out[f"realised_{k}"] = out[f"realised_{k}_se"] = math.nan
-            continue
-        f = (now[k] - base[k]) / gain
-        out[f"realised_{k}"] = f
-        out[f"realised_{k}_se"] = math.hypot(now[f"{k}_se"], f * exact[f"{k}_se"]) / abs(gain)
-    return out
-
-
-def base_reference(ckpt, wall, prompts, per_prompt, args):
-    """per_prompt rollouts of the base per prompt, its law p_0: every a's exact tilt p_0 e^{a r} / Z follows by
-    importance weights (`tilted_means`). Drawn once with a fixed seed, cached beside the checkpoint
-    (`maze.mdm.cached_rollouts`). Returns completions (P, n, L), reward (P, n), valid (P, n) as numpy."""
-    x, r, valid = cached_rollouts(ckpt, wall, prompts, per_prompt, args.temperature, args.order, args.sample_steps,
-                                  args.device, REFERENCE_SEED)
-    return x, np.where(valid, r, args.invalid_reward), valid
-
-
 # ----------------------------------------------------------------------------- the health check of a phase
 def held_out_set(x1, r, maskings, gen, L):
     """Teacher rollouts x1 (P, h, T) with rewards r (P, h) that the phase never trains on, each masked
@@ -206,30 +164,6 @@ def max_gain(r, eta, L):
     w = np.exp(er - er.max(1, keepdims=True))
     log_Z = np.log(w.mean(1)) + er.max(1)
     return float(((w * er).sum(1) / w.sum(1) - log_Z).mean() / L)
-
-
-def measure(a, comp, r, valid, M, reference, extra):
-    """A history row: the numbers of rollouts comp (P, n, L) with r, valid (P, n) at tilt a, next to the exact
-    tilt at a of the base's reference = (ref_r, ref_valid) and the realised fraction; diversity of the first M."""
-    P, _, L = comp.shape
-    now, exact = tilted_means(r, valid, 0.0), tilted_means(*reference, a)
-    distinct, cells = env.diversity(comp[:, :M].reshape(P * M, L), np.repeat(np.arange(P), M),
-                                    valid[:, :M].reshape(-1), per_prompt=True)
-    h = dict(a=round(a, 6), n=int(r.size), **{k: now[k] for k in ("validity", "validity_se", "reward", "reward_se")},
-             distinct_valid_per_prompt=float(distinct.mean()), cells_covered_per_prompt=float(cells.mean()),
-             distinct_valid_per_prompt_se=float(distinct.std(ddof=1) / math.sqrt(P)) if P > 1 else math.nan,
-             **{f"exact_{k}": exact[k] for k in ("validity", "validity_se", "reward", "reward_se", "ess")})
-    h.update({**(realised_fraction(now, exact, tilted_means(*reference, 0.0)) if a > 0 else {}), **extra})
-    line = (f"a={a:.2f}  n={h['n']}  validity {h['validity']:.3f}±{h['validity_se']:.3f} "
-            f"(exact {h['exact_validity']:.3f})  reward {h['reward']:.3f}±{h['reward_se']:.3f} "
-            f"(exact {h['exact_reward']:.3f})")
-    line += f"  realised {h['realised_validity']:.2f} / {h['realised_reward']:.2f}" if a > 0 else ""
-    line += f"  distinct {h['distinct_valid_per_prompt']:.1f}  cells {h['cells_covered_per_prompt']:.1f}"
-    if "loss" in extra:
-        line += (f"  loss {extra['loss']:.4f}  held-out change {extra['held_out_change']:.1e} ± "
-                 f"{extra['held_out_change_se']:.1e} (most: -{extra['max_gain']:.1e})  {extra['train_s']:.0f} s")
-    tqdm.write(line)
-    return h
 
 
 # ----------------------------------------------------------------------------- the annealing loop

@@ -28,8 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dtm                                                                                     # noqa: E402
 from dtm import dtm_loss, group_log_mean_exp                                                   # noqa: E402
-from maze import env                                                                           # noqa: E402
-from maze.figures import plot_budget, plot_sweep, rollouts_file                                             # noqa: E402
+from maze import env, exact                                                                    # noqa: E402
+from maze.figures import plot_budget, plot_sweep, rollouts_file                                # noqa: E402
 from maze.mdm import PROMPT_LEN, CheckpointError, elbo_loss, load, mask_along_path, mask_completions  # noqa: E402
 
 NAMES = ("run", "sweep", "budget", "bench")
@@ -170,7 +170,7 @@ def sweep(args):
     etas, eta0 = args.sweep_etas, min(args.sweep_etas)
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
-    ref_x, ref_r, _ = dtm.base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    ref_x, ref_r, _ = exact.base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
     base, gen = load(args.base, args.device)[0], torch.Generator(args.device).manual_seed(args.seed)
     at_eta0 = copy.copy(args)
     at_eta0.eta = eta0

@@ -2,7 +2,7 @@
 drawn in several ways, then the validity of its own rollouts (maze/FINDINGS.md, "Can the network
 hold a law?").
 
-  a = 0:    the base's reference rollouts (dtm.py: base_reference) resampled with weights e^{0 r}:
+  a = 0:    the base's reference rollouts (maze/exact.py: base_reference) resampled with weights e^{0 r}:
             its own law, so a model that could hold its law would not move;
   a = 0.5:  the same resampled with e^{0.5 r}: the exact tilt p_0 e^{0.5 r} / Z, the target of DTM;
   paths:    fresh training paths (all valid), as in pretraining;
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
     sys.path.insert(0, ROOT)
 import dtm                                                                             # noqa: E402
-from maze import env                                                                   # noqa: E402
+from maze import env, exact                                                            # noqa: E402
 from maze.mdm import PROMPT_LEN, Help, elbo_loss, load, mask_completions, training_set  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main(steps, lr, names, rollouts_per_prompt=128, cosine=False):
             opt.step()
         _, rr, valid, _ = dtm.rollouts(model, prompts, rollouts_per_prompt, dtm.parse([]), wall,
                                        torch.Generator().manual_seed(1))
-        m = dtm.tilted_means(rr.numpy(), valid.numpy(), 0.0)
+        m = exact.tilted_means(rr.numpy(), valid.numpy(), 0.0)
         data_valid = env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0].mean()
         print(f"{name}: {steps} steps AdamW lr {lr}{' cosine' if cosine else ''}: data validity {data_valid:.3f}; model validity "
               f"{m['validity']:.3f}±{m['validity_se']:.3f} reward {m['reward']:.3f}±{m['reward_se']:.3f} "

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 import dtm
-from maze import capacity, env
+from maze import capacity, env, exact
 from maze.mdm import MDM, Config, load, mask_completions, save
 from test_dtm_cli import FAST, TINY, parse
 
@@ -38,7 +38,7 @@ def test_widen_mode_reuses_the_bases_reference_as_its_exact_tilt(tiny_base, tmp_
     save(load(tiny_base)[0], base)
     args = parse(TINY + ["--base", base])
     wall = env.make_maze()
-    ref = dtm.base_reference(base, wall, env.make_prompts(wall), args.reference_per_prompt, args)
+    ref = exact.base_reference(base, wall, env.make_prompts(wall), args.reference_per_prompt, args)
     out = str(tmp_path / "wide")
     history = capacity.main(["widen", "8", "--", *TINY, *FAST, "--base", base, "--out", out])
     assert load(os.path.join(out, "base_mlp8.pt"))[0].cfg.mlp_ratio == 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dtm
-from maze import env, mdm
+from maze import env, exact, mdm
 from maze.mdm import load, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,34 +81,34 @@ def test_reference_rollouts_are_drawn_once_and_keyed_by_the_checkpoint(tiny_base
     base = str(tmp_path / "base.pt")
     with open(tiny_base, "rb") as f, open(base, "wb") as g:
         g.write(f.read())
-    x, r, valid = dtm.base_reference(base, wall, prompts, 4, args)
+    x, r, valid = exact.base_reference(base, wall, prompts, 4, args)
     assert x.shape == (8, 4, 64) and r.shape == valid.shape == (8, 4)
     assert ((r > env.INVALID_REWARD) == valid).all()
 
     def no_sampling(*a, **k):
         raise AssertionError("the cached reference was drawn again")
     monkeypatch.setattr(mdm, "evaluate", no_sampling)
-    x2, r2, _ = dtm.base_reference(base, wall, prompts, 4, args)          # from the cache
+    x2, r2, _ = exact.base_reference(base, wall, prompts, 4, args)          # from the cache
     assert (x2 == x).all() and (r2 == r).all()
     with pytest.raises(AssertionError, match="drawn again"):                # other settings, other file
-        dtm.base_reference(base, wall, prompts, 5, args)
+        exact.base_reference(base, wall, prompts, 5, args)
 
 
 def test_tilted_means_are_self_normalised_importance_estimates():
     """Exact small case: two prompts, three rollouts each; a = 0 gives the plain means."""
     r = np.array([[-1.0, 0.5, 0.2], [0.0, 0.0, -1.0]])
     valid = r > -1
-    plain = dtm.tilted_means(r, valid, 0.0)
+    plain = exact.tilted_means(r, valid, 0.0)
     assert plain["validity"] == pytest.approx((2 / 3 + 2 / 3) / 2)
     assert plain["reward"] == pytest.approx((r[0].mean() + r[1].mean()) / 2)
     assert plain["ess"] == pytest.approx(6.0)
     a = 2.0
     w = np.exp(a * r)
     expected = ((w * valid).sum(1) / w.sum(1)).mean()
-    assert dtm.tilted_means(r, valid, a)["validity"] == pytest.approx(expected, rel=1e-12)
+    assert exact.tilted_means(r, valid, a)["validity"] == pytest.approx(expected, rel=1e-12)
     se = np.sqrt(sum(((w[p] / w[p].sum()) ** 2 * (r[p] - (w[p] * r[p]).sum() / w[p].sum()) ** 2).sum()
                      for p in range(2))) / 2
-    assert dtm.tilted_means(r, valid, a)["reward_se"] == pytest.approx(se, rel=1e-12)
+    assert exact.tilted_means(r, valid, a)["reward_se"] == pytest.approx(se, rel=1e-12)
 
 
 def test_tilted_means_recover_a_known_tilt_within_their_standard_error():
@@ -118,7 +118,7 @@ def test_tilted_means_recover_a_known_tilt_within_their_standard_error():
     r = rng.choice(values, size=(8, 4096), p=p)
     for a in (0.5, 1.0, 3.0):
         q = p * np.exp(a * values) / (p * np.exp(a * values)).sum()
-        est = dtm.tilted_means(r, r > -1, a)
+        est = exact.tilted_means(r, r > -1, a)
         assert abs(est["reward"] - (q * values).sum()) < 4 * est["reward_se"]
         assert abs(est["validity"] - q[1:].sum()) < 4 * est["validity_se"]
         assert 0 < est["validity_se"] < 0.01
@@ -126,9 +126,9 @@ def test_tilted_means_recover_a_known_tilt_within_their_standard_error():
 
 def test_realised_fraction_of_the_exact_gain():
     base = dict(validity=0.5, validity_se=0.0, reward=-0.4, reward_se=0.0)
-    exact = dict(validity=0.8, validity_se=0.01, reward=0.0, reward_se=0.02)
+    tilt = dict(validity=0.8, validity_se=0.01, reward=0.0, reward_se=0.02)
     now = dict(validity=0.65, validity_se=0.03, reward=-0.1, reward_se=0.02)
-    f = dtm.realised_fraction(now, exact, base)
+    f = exact.realised_fraction(now, tilt, base)
     assert f["realised_validity"] == pytest.approx(0.5) and f["realised_reward"] == pytest.approx(0.75)
     assert f["realised_validity_se"] == pytest.approx(np.hypot(0.03, 0.5 * 0.01) / 0.3)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dtm
-from maze import env, experiments
+from maze import env, exact, experiments
 from maze.mdm import load, sample
 from test_dtm_cli import FAST, TINY
 
@@ -24,8 +24,8 @@ def test_invalid_reward_rescores_the_reference_and_the_rollouts_and_moves_the_of
         g.write(f.read())
     args1, args3 = parse(TINY), parse(TINY + ["--invalid_reward", "-3"])
     assert (args1.r_offset, args3.r_offset) == (1.0, 3.0)                  # r + offset >= 0 either way
-    _, r1, valid = dtm.base_reference(base, wall, prompts, 4, args1)
-    _, r3, valid3 = dtm.base_reference(base, wall, prompts, 4, args3)      # the same cached rollouts
+    _, r1, valid = exact.base_reference(base, wall, prompts, 4, args1)
+    _, r3, valid3 = exact.base_reference(base, wall, prompts, 4, args3)      # the same cached rollouts
     assert (valid3 == valid).all() and (r3 == np.where(valid, r1, -3.0)).all()
     model = load(tiny_base)[0]
     _, r, v, _ = dtm.rollouts(model, prompts, 2, args3, wall, torch.Generator().manual_seed(0))
