@@ -252,9 +252,10 @@ def budget(args):
             sub.figures = sub.out
             for k, val in flags.items():
                 setattr(sub, k, val)
-            done = os.path.join(sub.out, "metrics.json")
-            with open(done) if os.path.isfile(done) else open(os.devnull) as f:
-                history = json.loads(f.read() or "[]")
+            done, history = os.path.join(sub.out, "metrics.json"), []
+            if os.path.isfile(done):
+                with open(done) as f:
+                    history = json.load(f)
             h = history[1] if len(history) == 2 else run(sub)[1]
             most = h["max_gain"] if h["max_gain"] > 0 else math.nan        # 0: every reward equal, no tilt
             rows.append(dict(name=name, seed=seed, compute=sub.batch * sub.steps_per_phase / (64 * 50),
