@@ -131,10 +131,10 @@ def held_out_set(x1, r, maskings, gen, L):
     `maskings` times, once for the whole phase (forward masking, time weight hazard / L as in training):
     the fixed sample on which `phase_objective` compares the student with its teacher."""
     P, h, T = x1.shape
-    x_t, mask, hazard = mask_completions(x1.reshape(P * h, T).repeat(maskings, 1), gen)
+    x1 = x1.reshape(P * h, T).repeat(maskings, 1)                     # (maskings * P * h, T)
+    x_t, mask, hazard = mask_completions(x1, gen)
     group = torch.arange(P, device=x1.device).repeat_interleave(h).repeat(maskings)
-    return dict(x1=x1.reshape(P * h, T).repeat(maskings, 1), x_t=x_t, mask=mask, tw=hazard / L, r=r.flatten(),
-                group=group, maskings=maskings)
+    return dict(x1=x1, x_t=x_t, mask=mask, tw=hazard / L, r=r.flatten(), group=group, maskings=maskings)
 
 
 @torch.no_grad()

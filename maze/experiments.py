@@ -125,6 +125,15 @@ def run(args):
     return dtm.run(args, Variant(args))
 
 
+def save_table(out, stem, rows, lines):
+    """A study's results: its rows as OUT/stem.json, its markdown table (lines) as OUT/stem.md, and printed."""
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------- the phi x eta sweep
 def gradient_norm(model, x1, reward, args, phi, gen, batches=16):
     """The size of the step SGD takes at the start of a phase: the mean norm, clipped at --clip as in
@@ -202,17 +211,13 @@ def sweep(args):
         runs.append(sub)
         tqdm.write(f"sweep: phi={phi:g} eta={eta:g} lr={lr:g}{' (control)' if control else ''} done in "
                    f"{results[-1]['seconds']} s")
-    with open(os.path.join(args.out, "sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
     lines = ["| phi | eta | lr | steps/phase | validity | mean reward | realised (validity / reward) | "
              "distinct valid / prompt | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['phi']:g} | {r['eta']:g}{' (control: no tilt)' if r['control'] else ''} | {r['lr']:g} | "
               f"{r['steps_per_phase']} | {r['validity']:.3f} ± {r['validity_se']:.3f} | "
               f"{r['reward']:.3f} ± {r['reward_se']:.3f} | {r['realised_validity']:.2f} / {r['realised_reward']:.2f} | "
               f"{r['distinct_valid_per_prompt']:.1f} | {r['seconds']} |" for r in results]
-    with open(os.path.join(args.out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_table(args.out, "sweep", results, lines)
     rows = ["phi = 0", "phi = 1", f"phi = 0, lr {lr0:g}\n(phi = 1's first step)"]
     cols = ["the base (a = 0)"] + [f"eta = {e:g}" for e in etas] + [f"control: eta ~ 0\n(schedule of eta = {eta0:g})"]
     cell = [(2 if r["lr"] != args.lr else int(r["phi"]), len(etas) + 1 if r["control"] else etas.index(r["eta"]) + 1)
@@ -265,8 +270,6 @@ def budget(args):
                                  "realised_validity_se", "realised_reward", "train_s")}))
             tqdm.write(f"budget: {name} seed {seed}: held-out change {h['held_out_change']:.2e} ± "
                        f"{h['held_out_change_se']:.1e}, most -{h['max_gain']:.1e}")
-    with open(os.path.join(args.out, "budget.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     lines = ["| config | compute | buffer / prompt | seeds | held-out change (mean ± SE over seeds) | "
              "over the most | realised validity | train s |", "|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in rows):
@@ -276,9 +279,7 @@ def budget(args):
         lines.append(f"| {name} | {g[0]['compute']:g}x | {g[0]['buffer']} | {len(g)} | {d.mean():.2e} ± {se:.1e} | "
                      f"{np.mean([r['relative'] for r in g]):+.2f} | "
                      f"{np.mean([r['realised_validity'] for r in g]):.2f} | {np.mean([r['train_s'] for r in g]):.0f} |")
-    with open(os.path.join(args.out, "budget.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_table(args.out, "budget", rows, lines)
     plot_budget(rows, f"one phase from the base, eta = {args.eta:g} (each point a seed)",
                 os.path.join(args.figures, f"budget_eta{args.eta:g}.png"))
     return rows
