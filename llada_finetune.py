@@ -13,6 +13,7 @@ The concepts it uses live one per file: `llada/model.py` (safetensors, the netwo
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task gsm8k --eval --test_data gsm8k_test.jsonl
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku --resume --out runs/sudoku
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku --bench --batch 8 --grad_checkpointing
+    python llada_finetune.py --model_dir runs/tiny/base --task sudoku --preset tiny   # a small LLaDA (llada/sft.py)
     python llada_finetune.py --help
 """
 import argparse
@@ -33,7 +34,7 @@ from llada.bench import SHAPES, auto_rollout_batch, bench
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
-from llada.protocols import PROTOCOLS, run_eval
+from llada.protocols import PROTOCOLS, evaluate, run_eval
 from llada.tasks import task_data
 from maze.mdm import Help
 
@@ -68,6 +69,21 @@ RELEASED = dict(
 )
 for cfg in RELEASED.values():
     cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"])
+# --preset tiny: the same loop sized for 2 CPU cores and a small LLaDA made by `python -m llada.sft`
+# (llada/README.md, "A small LLaDA on 4x4 Sudoku"): short answers, 3 blocks of 8, a low-rank adapter.
+# The paper's reading of the Sudoku tilt (greedy, one completion per prompt, Z over the buffer): of the
+# two, the one that kept the base's accuracy and beat its control (3 seeds); neither raised it.
+TINY = dict(
+    sudoku=dict(steps_per_phase=50, batch=32, clip=1.0, buffer_prompts=256, completions=1, refresh_prompts=64,
+                refresh_every=25, lr=1e-3, min_lr=1e-4, eta=10.0, a_max=40.0, temperature=0.0, z="buffer",
+                held_out_prompts=128, gen_length=24, block_length=8, tokens_per_step=2, lora_r=16, lora_alpha=16,
+                rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
+)
+# What a flag takes when neither it nor the preset sets it (the 8B's sizes).
+FALLBACK = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", a_max=100.0,
+                gen_length=256, block_length=32, tokens_per_step=2, lora_r=128, lora_alpha=64.0,
+                rollout_batch=16, protocol="ours", eval_lengths=[256, 512], eval_batch=8, phase_eval=0,
+                held_out_prompts=16)
 
 
 def sar_mask(comp, block_length, mask_id, generator=None):
@@ -86,6 +102,19 @@ def sar_mask(comp, block_length, mask_id, generator=None):
     counted = (blk == k[:, None]) & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
     x_t = torch.where(counted | (blk > k[:, None]), torch.full_like(comp, mask_id), comp)
     return x_t, counted, 1.0 / (1.0 - t).clamp_min(1e-3) / block_length, t
+
+
+def any_order_mask(comp, mask_id, generator=None):
+    """The any-order interpolant (eq. 9), the SAR ablation of App. D.3 (--masking any_order): every
+    completion token masked with probability 1 - t, t ~ U(0, 1) stratified over the batch, whatever its
+    block; all masked tokens count, with the hazard weight 1 / (1 - t), divided by the completion length.
+    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,), as sar_mask."""
+    B, G = comp.shape
+    dev = comp.device
+    t = (torch.rand((), generator=generator, device=dev) + torch.arange(B, device=dev)) / B
+    t = t[torch.randperm(B, generator=generator, device=dev)]
+    counted = torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None]
+    return comp.masked_fill(counted, mask_id), counted, 1.0 / (1.0 - t).clamp_min(1e-3) / G, t
 
 
 def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1):
@@ -122,13 +151,14 @@ class Trainer:
         self.cfg, self.tok = self.model.cfg, load_tokenizer(a.model_dir) if model is None else None
         if a.adapter:
             load_adapter(self.model, a.adapter)
-        self.items = task_data(a)[0]
+        self.items, self.test = task_data(a)
         self.prompt_of, self.reward_of = (PROTOCOLS[a.protocol][k][a.task] for k in ("prompts", "rewards"))
         self.prompt_cache = {}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.gen = torch.Generator(self.device).manual_seed(a.seed + self.rank)
         self.check_gen = torch.Generator(self.device).manual_seed(a.seed + self.rank + 10 ** 6)   # the health
-        # check's own draws: it does not change the training
+        # check's own draws: it does not change the training; nor do --control's shuffles
+        self.control_gen = torch.Generator(self.device).manual_seed(a.seed + self.rank + 2 * 10 ** 6)
         torch.manual_seed(a.seed + self.rank)                          # LoRA dropout, per rank
         n = int(math.ceil(a.a_max / a.eta - 1e-9))
         self.a_grid = [min(k * a.eta, a.a_max) for k in range(n + 1)]
@@ -195,13 +225,19 @@ class Trainer:
         ids, am = left_pad(prompts, cfg.eos_token_id, self.device)
         comp = data["comp"][rows]
         c_t, counted, tw = (data[k][rows] for k in ("c_t", "counted", "tw")) if "c_t" in data else \
-            sar_mask(comp, a.block_length, cfg.mask_token_id, self.gen)[:3]
+            self.mask(comp, self.gen)[:3]
         if a.weighting == "released":                   # 1/n over the counted masks: the hazard's mean
             tw = 1.0 / counted.sum(1).clamp_min(1).float()
         x1, x_t = torch.cat([ids, comp], 1), torch.cat([ids, c_t], 1)
         am = torch.cat([am, torch.ones_like(comp)], 1)
         where = torch.cat([torch.zeros_like(ids, dtype=torch.bool), counted], 1)  # the active block's masks
         return x1, x_t, am, where, tw
+
+    def mask(self, comp, gen):
+        """The forward process of the loss: SAR-aligned (App. C), or --masking any_order (eq. 9)."""
+        if self.args.masking == "any_order":
+            return any_order_mask(comp, self.cfg.mask_token_id, gen)
+        return sar_mask(comp, self.args.block_length, self.cfg.mask_token_id, gen)
 
     def loss(self, rows, eta, log_Z, r):
         x1, x_t, am, where, tw = self.inputs(self.buffer, rows)
@@ -215,10 +251,9 @@ class Trainer:
 
     # ---- the health check of a phase (dtm.py: phase_objective)
     def held_out(self):
-        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, SAR-masked once."""
+        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, masked once (as --masking)."""
         h = self.rollouts(self.draw_prompts(self.args.held_out_prompts, self.check_gen), self.check_gen)
-        h["c_t"], h["counted"], h["tw"], _ = sar_mask(h["comp"], self.args.block_length, self.cfg.mask_token_id,
-                                                      self.check_gen)
+        h["c_t"], h["counted"], h["tw"], _ = self.mask(h["comp"], self.check_gen)
         return h
 
     @torch.no_grad()
@@ -246,13 +281,12 @@ class Trainer:
         # The tilt is unchanged by a constant shift of r; shifting by the buffer's minimum makes
         # e^{eta r} >= 1 >= phi, so every NLL weight (e^{eta r} - phi) / Z is >= 0 and the loss is
         # bounded (dtm.py's docstring). Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
-        if a.weighting == "released":                   # the released code: r clipped at 0, e^{eta r} raw
-            r = self.buffer["r"].clamp_min(0)
-            log_Z = torch.zeros_like(r)
-        else:
-            r = self.buffer["r"] - self.buffer["r"].min()
-            group = self.buffer["idx"] if a.z == "prompt" else None
-            log_Z = group_log_mean_exp(eta * r.double(), group)
+        released = a.weighting == "released"           # the released code: r clipped at 0, e^{eta r} raw
+        r = self.buffer["r"].clamp_min(0) if released else self.buffer["r"] - self.buffer["r"].min()
+        if a.control:                                   # no tilt: the rewards moved to other rollouts
+            r = r[torch.randperm(len(r), generator=self.control_gen, device=self.device)]
+        group = self.buffer["idx"] if a.z == "prompt" else None
+        log_Z = torch.zeros_like(r) if released else group_log_mean_exp(eta * r.double(), group)
         micro = a.micro_batch or a.batch
         total = 0.0
         for j in range(0, a.batch, micro):
@@ -289,7 +323,8 @@ class Trainer:
         rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
         state = dict(buffer=self.buffer, held=self.held, phase=self.phase, step=self.step,
                      global_step=self.global_step, ema=self.ema,
-                     gen=self.gen.get_state(), check_gen=self.check_gen.get_state(), rng=torch.get_rng_state(),
+                     gen=self.gen.get_state(), check_gen=self.check_gen.get_state(),
+                     control_gen=self.control_gen.get_state(), rng=torch.get_rng_state(),
                      args=vars(self.args),
                      cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                      lora_checksum=sum(p.double().sum().item() for p in self.params))   # equal on all ranks
@@ -329,11 +364,23 @@ class Trainer:
             self.opt.load_state_dict(shared["opt"])
         self.ema = s.get("ema")
         self.gen.set_state(s["gen"].cpu())
-        if "check_gen" in s:
-            self.check_gen.set_state(s["check_gen"].cpu())
+        for k in ("check_gen", "control_gen"):
+            if k in s:
+                getattr(self, k).set_state(s[k].cpu())
         torch.set_rng_state(s["rng"].cpu())
         if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU
             torch.cuda.set_rng_state(s["cuda_rng"].cpu(), self.device)
+
+    def test_accuracy(self, k):
+        """--phase_eval: the student on the first test items, as --eval scores them; logged with phase k."""
+        a = self.args
+        acc = evaluate(self.model, self.tok, a.task, self.test[:a.phase_eval], a.eval_lengths[0], a.eval_batch,
+                       a.block_length, a.protocol)[PROTOCOLS[a.protocol]["scorer"]]
+        self.model.train()
+        self.log(phase=k, a=self.a_grid[k], test=acc)
+        if self.rank == 0:
+            print(f"a = {self.a_grid[k]:g}: test accuracy {acc['acc']:.3f} ± {acc['se']:.3f} "
+                  f"(all right: {acc['whole']:.3f} ± {acc['whole_se']:.3f}, {acc['n']} items)")
 
     def log(self, **row):
         if self.rank == 0:
@@ -349,6 +396,8 @@ class Trainer:
             print(f"rank {self.rank}: resumed from {self.path} at phase {self.phase}, step {self.step}")
         previous = signal.signal(signal.SIGINT, self.on_interrupt)
         try:
+            if a.phase_eval and self.phase == 1 and self.step == 0:
+                self.test_accuracy(0)                                   # the base
             while self.phase < len(self.a_grid):
                 k, t0 = self.phase, time.time()
                 eta = self.a_grid[k] - self.a_grid[k - 1]
@@ -389,8 +438,12 @@ class Trainer:
                     check = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / len(d) ** 0.5).item())
                     self.log(phase=k, a=self.a_grid[k], **check)
                     if self.rank == 0:
-                        print(f"phase {k}: held-out objective change {check['held_out_change']:.2e} ± "
-                              f"{check['held_out_change_se']:.1e} (< 0 by more than its SE: the phase learned)")
+                        x, se = check["held_out_change"], check["held_out_change_se"]
+                        print(f"phase {k}: held-out objective change {x:.2e} ± {se:.1e}: " +
+                              ("below 0 by more than its SE, the phase learned" if x < -se else
+                               "not below 0 by its SE, the phase fitted noise"))
+                if a.phase_eval:
+                    self.test_accuracy(k)
                 self.phase, self.step = self.phase + 1, 0
                 self.save()
                 if self.rank == 0:
@@ -417,10 +470,13 @@ def batch_or_auto(text):
 
 def parser():
     presets = "\n".join(f"  {name} {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items())
-                        for name, table in (("paper   ", PRESETS), ("released", RELEASED)) for t, d in table.items())
+                        for name, table in (("paper   ", PRESETS), ("released", RELEASED), ("tiny    ", TINY))
+                        for t, d in table.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
-                                epilog="presets (--preset paper: App. D.2; released: the authors' configs; a "
-                                       "flag overrides its value):\n" + presets)
+                                epilog="presets (--preset paper: App. D.2; released: the authors' configs; tiny: a small "
+                                       "LLaDA from llada.sft on 2 CPU cores; a flag overrides its value; "
+                                       "what no preset sets: " + " ".join(f"{k}={v}" for k, v in FALLBACK.items())
+                                       + "):\n" + presets)
     p.add_argument("--model_dir", help="LLaDA checkpoint: config.json, tokenizer.json, safetensors")
     p.add_argument("--task", required=True, choices=list(PRESETS),
                    help="sudoku (4x4, generated), countdown (3 numbers, generated or --train_data), "
@@ -440,15 +496,17 @@ def parser():
     p.add_argument("--bench_batches", type=int, nargs="+", help="batch sizes to bench (default: --batch)")
     p.add_argument("--bench_sampler", action="store_true", help="also time whole greedy generations, exact "
                                                                 "against the KV-cached samplers")
-    p.add_argument("--protocol", choices=["ours", "paper"], default="ours",
-                   help="prompts, rewards and scorers: ours, or the paper's (the DTM authors' Countdown and "
-                        "Sudoku, SPG's GSM8K and MATH500; the numbers of Table 1)")
-    p.add_argument("--eval_lengths", type=int, nargs="+", default=[256, 512], help="generation lengths")
-    p.add_argument("--eval_batch", type=int, default=8, help="prompts per sampling batch")
+    p.add_argument("--protocol", choices=list(PROTOCOLS),
+                   help="prompts, rewards and scorers: ours; the paper's (the DTM authors' Countdown and "
+                        "Sudoku, SPG's GSM8K and MATH500; the numbers of Table 1); short: ours with a one-line "
+                        "Sudoku prompt, for a small model (default: ours)")
+    p.add_argument("--eval_lengths", type=int, nargs="+", help="generation lengths (default: 256 512)")
+    p.add_argument("--eval_batch", type=int, help="prompts per sampling batch (default: 8)")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")
     g = p.add_argument_group("DTM (a flag with no default shown takes the task's preset: the epilog)")
-    g.add_argument("--preset", choices=["paper", "released"], default="paper",
-                   help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs")
+    g.add_argument("--preset", choices=["paper", "released", "tiny"], default="paper",
+                   help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs; "
+                        "tiny: Sudoku on a small LLaDA made by python -m llada.sft, 2 CPU cores")
     g.add_argument("--weighting", choices=["paper", "released"],
                    help="paper: hazard time weight, Z per prompt, r shifted by the buffer's minimum; released: "
                         "1/n over the counted masks, raw e^{eta r}, r clipped at 0 (default: paper)")
@@ -456,7 +514,7 @@ def parser():
                                             "student and teacher at each phase end; 0: off (default: 0)")
     g.add_argument("--phi", type=float, default=1.0, help="control variate (eq. 17); 1 in all of the paper's runs")
     g.add_argument("--eta", type=float, help="annealing step of the tilt a")
-    g.add_argument("--a_max", type=float, default=100.0, help="final tilt (the released a_end)")
+    g.add_argument("--a_max", type=float, help="final tilt (default: 100, the released a_end)")
     g.add_argument("--steps_per_phase", type=int, help="optimiser steps per phase")
     g.add_argument("--batch", type=int, help="sequences per optimiser step per GPU")
     g.add_argument("--micro_batch", type=int,
@@ -470,23 +528,34 @@ def parser():
     g.add_argument("--refresh_prompts", type=int, help="prompts replaced at each refresh")
     g.add_argument("--refresh_every", type=int, help="steps between refreshes")
     g.add_argument("--temperature", type=float, help="rollout temperature")
-    g.add_argument("--held_out_prompts", type=int, default=16,
+    g.add_argument("--held_out_prompts", type=int,
                    help="prompts whose teacher rollouts each phase holds out for its health check, the change "
                         "of its objective there (< 0 by more than its SE: the phase learned; else it fitted "
-                        "noise); 0: off")
+                        "noise); 0: off (default: 16)")
     g.add_argument("--z", choices=["prompt", "buffer"],
                    help="Z = E_a[e^{eta r}] per prompt or over the whole buffer")
+    g.add_argument("--masking", choices=["sar", "any_order"], default="sar",
+                   help="the loss's forward process: sar, one active block as the sampler sees it (App. C, "
+                        "eq. 34); any_order, every completion token masked with probability 1 - t (eq. 9; "
+                        "the ablation of App. D.3)")
+    g.add_argument("--control", action="store_true",
+                   help="the no-tilt control: every step, the rewards are shuffled over the buffer (by a "
+                        "generator of their own) before the weights, so they carry no signal and the rest "
+                        "of the run, its loss noise included, is DTM's")
+    g.add_argument("--phase_eval", type=int, help="evaluate the student on the first N test items (the --eval "
+                                                  "protocol, first --eval_lengths) at the start and after "
+                                                  "every phase, into metrics.jsonl (default: 0, off)")
     s = p.add_argument_group("sampling and model")
-    s.add_argument("--gen_length", type=int, default=256, help="completion tokens of a rollout")
-    s.add_argument("--block_length", type=int, default=32, help="semi-autoregressive block")
-    s.add_argument("--tokens_per_step", type=int, default=2, help="rollout steps = gen_length / this")
-    s.add_argument("--rollout_batch", type=batch_or_auto, default=16,
+    s.add_argument("--gen_length", type=int, help="completion tokens of a rollout (default: 256)")
+    s.add_argument("--block_length", type=int, help="semi-autoregressive block (default: 32)")
+    s.add_argument("--tokens_per_step", type=int, help="rollout steps = gen_length / this (default: 2)")
+    s.add_argument("--rollout_batch", type=batch_or_auto,
                    help="sequences per sampling batch; auto: measured at the first rollouts, the smallest "
-                        "batch within 5%% of the best tokens/s that fits in 75%% of free memory")
+                        "batch within 5%% of the best tokens/s that fits in 75%% of free memory (default: 16)")
     s.add_argument("--rollout_cache", choices=["prefix", "dual"],
                    help="Fast-dLLM's block KV cache for rollouts: faster, approximate (llada/README.md); default: exact")
-    s.add_argument("--lora_r", type=int, default=128, help="LoRA rank (App. D.2: 128)")
-    s.add_argument("--lora_alpha", type=float, default=64, help="LoRA alpha; scale = alpha / r")
+    s.add_argument("--lora_r", type=int, help="LoRA rank (default: 128, App. D.2)")
+    s.add_argument("--lora_alpha", type=float, help="LoRA alpha; scale = alpha / r (default: 64)")
     s.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     s.add_argument("--lora_targets", nargs="+", choices=LORA_TARGETS,
                    help="linear layers of every block that get an adapter (default: all seven)")
@@ -502,10 +571,10 @@ def parser():
 def parse(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if args.preset == "released" and args.task not in RELEASED:
-        p.error(f"--preset released: the authors released configs for {' and '.join(RELEASED)} only")
-    fallback = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", lora_targets=list(LORA_TARGETS))
-    for k, v in {**fallback, **(PRESETS if args.preset == "paper" else RELEASED)[args.task]}.items():
+    table = dict(paper=PRESETS, released=RELEASED, tiny=TINY)[args.preset]
+    if args.task not in table:
+        p.error(f"--preset {args.preset}: there is a config for {' and '.join(table)} only")
+    for k, v in {**FALLBACK, "lora_targets": list(LORA_TARGETS), **table[args.task]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     problems = [m for bad, m in [

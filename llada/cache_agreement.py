@@ -2,8 +2,8 @@
 
 On random weights every greedy choice is a near tie, so one stale key flips a token and the rest of the
 row follows (llada/README.md: 19-50%). A trained model is confident where the task decides. This script
-trains a small LLaDA (our llada/model.py network, 0.86M parameters) with the masked-diffusion ELBO to sort
-digits: prompt = 16 random digits and a separator, completion = the same digits sorted, then end-of-text
+trains a small LLaDA (our llada/model.py network, 0.86M parameters) with LLaDA's SFT loss (`llada/sft.py`) to
+sort digits: prompt = 16 random digits and a separator, completion = the same digits sorted, then end-of-text
 padding to gen_length. Then it decodes held-out prompts greedily (temperature 0) with the exact sampler
 and with the `prefix` and `dual` caches, and prints time, accuracy (the sorted answer, exact match),
 token agreement with the exact sampler, and accuracy at temperature 1 (how DTM draws its rollouts).
@@ -17,12 +17,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from maze.mdm import Help                                                      # noqa: E402
 from llada.model import LLaDAConfig, generate, random_model                    # noqa: E402
+from llada.sft import train                                                    # noqa: E402
 
 SEP, EOS, MASK = 10, 11, 12                                # digits are 0..9
 N_DIGITS = 16
@@ -34,17 +34,6 @@ def batch(n, gen_length, g):
     prompt = torch.cat([digits, torch.full((n, 1), SEP)], 1)
     answer = torch.cat([digits.sort(1).values, torch.full((n, gen_length - N_DIGITS), EOS)], 1)
     return prompt, answer
-
-
-def elbo_loss(model, prompt, answer, g):
-    """LLaDA's SFT loss: t ~ U(0, 1], each completion token masked with probability t, cross-entropy at
-    the masked tokens weighted 1/t, averaged over all completion tokens (eq. 5's Monte Carlo estimate)."""
-    t = torch.rand(answer.shape[0], 1, generator=g).clamp_min(1e-3)
-    masked = torch.rand(answer.shape, generator=g) < t
-    x = torch.cat([prompt, answer.masked_fill(masked, MASK)], 1)
-    where = torch.cat([torch.zeros_like(prompt, dtype=torch.bool), masked], 1)
-    ce = F.cross_entropy(model(x, None, where), answer[masked], reduction="none")
-    return (ce / t.expand_as(answer)[masked]).sum() / answer.numel()
 
 
 def parser():
@@ -66,20 +55,14 @@ def main(argv=None):
                       rope_theta=10000.0, mask_token_id=MASK, eos_token_id=EOS)
     model = random_model(cfg, seed=args.seed).requires_grad_(True)
     n_params = sum(q.numel() for q in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, s / 100) * 0.5 * (1 + torch.cos(
-        torch.tensor(torch.pi * s / args.steps)).item()))
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        loss = elbo_loss(model, *batch(args.batch, args.gen_length, g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 500 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def next_batch():                                  # fresh digits every step, no padding
+        prompt, answer = batch(args.batch, args.gen_length, g)
+        return prompt, None, answer
+    losses = train(model, next_batch, args.steps, args.lr, g, weight_decay=0.0, betas=(0.9, 0.999))
+    print(f"loss {sum(losses[-50:]) / 50:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
     model.eval().requires_grad_(False)
 
     prompt, answer = batch(args.test, args.gen_length, torch.Generator().manual_seed(10_000 + args.seed))

@@ -324,12 +324,16 @@ def load_tokenizer(model_dir):
         raise CheckpointError(f"{path}: cannot read the tokenizer ({e})") from None
 
 
+def chat_text(text, prefill=""):
+    """LLaDA-Instruct's chat template (BOS only before the first message); `prefill` is text the
+    assistant's turn starts with (SPG's evaluation puts "<reasoning>" there)."""
+    return ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" + prefill)
+
+
 def chat_prompt(tok, text, prefill=""):
-    """LLaDA-Instruct's chat template (BOS only before the first message), as token ids; `prefill` is text
-    the assistant's turn starts with (SPG's evaluation puts "<reasoning>" there)."""
-    s = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
-         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" + prefill)
-    return tok.encode(s, add_special_tokens=False).ids
+    """chat_text as token ids."""
+    return tok.encode(chat_text(text, prefill), add_special_tokens=False).ids
 
 
 def decode(tok, ids, cfg, raw=False):

@@ -10,6 +10,7 @@ of their code is used. Every parser is linear in the text (llada/tasks.py says w
     PROTOCOLS["paper"]["prompts"]["sudoku"](item)   # the text to put in the chat template
     SCORERS["paper"][0]("sudoku", completion, item)  # (correct cells, empty cells)
 """
+import math
 import re
 
 import torch
@@ -19,7 +20,8 @@ from tqdm import tqdm
 from llada.lora import add_lora, load_adapter, lora_layers
 from llada.model import chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
 from llada.tasks import (MATH_PROMPT, PROMPTS, REWARDS, SUDOKU_SHOTS, accuracy, arith, closing_brace, first_tag,
-                         gsm8k_gold, gsm8k_reward, math_equiv, number, tag_spans, task_data, uses_exactly)
+                         gsm8k_gold, gsm8k_reward, math_equiv, number, sudoku_short_prompt, tag_spans, task_data,
+                         uses_exactly)
 
 
 PAPER_FORMAT = "\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>\n"
@@ -231,8 +233,11 @@ def paper_gsm8k_reward(text, item):
 PAPER_REWARDS = dict(REWARDS, gsm8k=paper_gsm8k_reward)
 PAPER_PROMPTS = dict(sudoku=paper_sudoku_prompt, countdown=paper_countdown_prompt, gsm8k=paper_math_prompt,
                      math=paper_math_prompt)
-PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, prefill={}),
-                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, prefill=PREFILL))
+# short: ours, with Sudoku's prompt cut to one line for a small model (llada/sft.py); scored as ours.
+PROTOCOLS = dict(ours=dict(prompts=PROMPTS, rewards=REWARDS, prefill={}, scorer="ours"),
+                 paper=dict(prompts=PAPER_PROMPTS, rewards=PAPER_REWARDS, prefill=PREFILL, scorer="paper"),
+                 short=dict(prompts=dict(PROMPTS, sudoku=sudoku_short_prompt), rewards=REWARDS, prefill={},
+                            scorer="ours"))
 
 
 def spg_accuracy(task, text, item):
@@ -245,17 +250,28 @@ SCORERS = dict(ours=(accuracy, False), paper=(paper_accuracy, True), spg=(spg_ac
 
 
 # ============================================================================ evaluation
+def summarise(sums):
+    """sums (7,) over items of (c, t, c^2, t^2, c t, whole, n), c = correct, t = scored (Sudoku: cells):
+    accuracy C / T with the ratio estimator's SE, and the share of items wholly right with its SE."""
+    c, t, cc, tt, ct, whole, n = sums.tolist()
+    acc = c / max(t, 1)
+    var = max(cc - 2 * acc * ct + acc ** 2 * tt, 0.0) / max(n - 1, 1)        # of c_i - acc t_i
+    w = whole / max(n, 1)
+    return dict(acc=acc, se=math.sqrt(var / max(n, 1)) / max(t / max(n, 1), 1e-12), whole=w,
+                whole_se=math.sqrt(w * (1 - w) / max(n - 1, 1)), n=int(n))
+
+
 @torch.no_grad()
 def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, protocol="ours"):
     """The paper's sampling protocol: chat template, block 32, steps = gen_length / 2, temperature 0,
     with the prompts (and prefill) of `protocol`. Every completion is scored by every scorer of
-    SCORERS. Returns {scorer: accuracy} (Sudoku: cells; the others: questions), summed
-    over all ranks."""
+    SCORERS. Returns {scorer: summarise(...)}: accuracy (Sudoku: cells; the others: questions) and the
+    share of items wholly right, with standard errors, over all ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     P, names = PROTOCOLS[protocol], [n for n in SCORERS if n != "spg" or task == "countdown"]
     mine = items[rank::world]
     dev = model.ff_out.weight.device
-    ok = torch.zeros(len(names), 2, dtype=torch.float64, device=dev)
+    sums = torch.zeros(len(names), 7, dtype=torch.float64, device=dev)
     model.eval()
     for j in tqdm(range(0, len(mine), batch), desc=f"{task} gen {gen_length}", disable=rank != 0):
         chunk = mine[j:j + batch]
@@ -265,11 +281,13 @@ def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, prot
             comp = generate(model, ids, am, gen_length, gen_length // 2, block_length, 0.0)
         for c, it in zip(comp.tolist(), chunk):
             text = {raw: decode(tok, c, model.cfg, raw=raw) for raw in (False, True)}
-            ok += torch.tensor([SCORERS[n][0](task, text[SCORERS[n][1]], it) for n in names],
-                               dtype=torch.float64, device=dev)
+            ok = torch.tensor([SCORERS[n][0](task, text[SCORERS[n][1]], it) for n in names],
+                              dtype=torch.float64, device=dev)                            # (scorers, 2)
+            sums += torch.stack([ok[:, 0], ok[:, 1], ok[:, 0] ** 2, ok[:, 1] ** 2, ok[:, 0] * ok[:, 1],
+                                 (ok[:, 0] == ok[:, 1]).double(), torch.ones_like(ok[:, 0])], 1)
     if world > 1:
-        dist.all_reduce(ok)
-    return {n: (ok[k, 0] / ok[k, 1].clamp_min(1)).item() for k, n in enumerate(names)}
+        dist.all_reduce(sums)
+    return {n: summarise(sums[k].cpu()) for k, n in enumerate(names)}
 
 
 def run_eval(args):
@@ -285,10 +303,14 @@ def run_eval(args):
     acc = {L: evaluate(model, tok, args.task, items, L, args.eval_batch, args.block_length, args.protocol)
            for L in args.eval_lengths}
     if not dist.is_initialized() or dist.get_rank() == 0:
-        first = acc[args.eval_lengths[0]]
-        print(f"\nprompts: {args.protocol} protocol; first row: its scorer, then the others'")
+        mine, unit = PROTOCOLS[args.protocol]["scorer"], "cells" if args.task == "sudoku" else "questions"
+        print(f"\nprompts: {args.protocol} protocol; first row: its scorer, then the others'; accuracy over "
+              f"{unit} ± SE" + (" (whole puzzles ± SE)" if args.task == "sudoku" else ""))
         print(f"| task | {' | '.join(f'gen {L}' for L in acc)} |\n|---|{'---|' * len(acc)}")
-        for n in sorted(first, key=lambda n: n != args.protocol):
-            label = f"{args.task} ({len(items)})" + ("" if n == args.protocol else f", {n} scorer")
-            print(f"| {label} | {' | '.join(f'{100 * a[n]:.1f}' for a in acc.values())} |")
+        for n in sorted(acc[args.eval_lengths[0]], key=lambda n: n != mine):
+            label = f"{args.task} ({len(items)})" + ("" if n == mine else f", {n} scorer")
+            cells = [f"{100 * a[n]['acc']:.1f} ± {100 * a[n]['se']:.1f}" +
+                     (f" ({100 * a[n]['whole']:.1f} ± {100 * a[n]['whole_se']:.1f})" if args.task == "sudoku" else "")
+                     for a in acc.values()]
+            print(f"| {label} | {' | '.join(cells)} |")
     return acc

@@ -139,6 +139,12 @@ def sudoku_prompt(item):
             f"Question:\nSolve the following Sudoku puzzle: {item['puzzle']}\nAnswer:\n")
 
 
+def sudoku_short_prompt(item):
+    """One line, zero-shot (`--protocol short`): what a small model trained from scratch can read. The
+    answer format, reward and scorer are ours."""
+    return f"Sudoku 4x4, 0 = empty; answer in <answer></answer>: {item['puzzle']}"
+
+
 def sudoku_cells(text, item, cascade=False):
     """(correct empty cells, empty cells). Training reads the last <answer>; eval (cascade) falls
     back to any run of 16 digits, as the baselines' evaluation does."""

@@ -12,7 +12,7 @@ import pytest
 
 import dtm
 import llada_finetune
-from llada import cache_agreement
+from llada import cache_agreement, sft, sudoku_report
 from maze import capacity, experiments, mdm, refit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +23,8 @@ PARSERS = {"dtm.py": lambda a: dtm.parser().parse_args(a),
            "-m maze.capacity": capacity.parse,
            "-m maze.refit": lambda a: refit.parser().parse_args(a),
            "-m llada.cache_agreement": lambda a: cache_agreement.parser().parse_args(a),
+           "-m llada.sft": lambda a: sft.parser().parse_args(a),
+           "-m llada.sudoku_report": lambda a: sudoku_report.parser().parse_args(a),
            "llada_finetune.py": lambda a: llada_finetune.parser().parse_args(a)}
 NO_ARGS = ("tests/tabular.py", "-m maze.env")
 

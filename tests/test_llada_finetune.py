@@ -54,6 +54,19 @@ def test_sar_weight_is_the_hazard_per_row_and_every_block_position_counts_once_i
         assert (counted[:, j] * w * L).mean().item() * K == pytest.approx(1.0, abs=0.05), j
 
 
+def test_any_order_masking_counts_every_masked_token_of_every_block_with_the_hazard_weight():
+    """eq. 9 (--masking any_order): a token is masked iff it counts, in any block; per row w (1 - t) G = 1;
+    and E[1{counted_j} w G] = 1 at every position j, as the ELBO weighs every token once."""
+    B, G = 40000, 8
+    comp = torch.randint(6, 300, (B, G))
+    x_t, counted, w, t = lf.any_order_mask(comp, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(x_t == 5, counted) and torch.equal(x_t[~counted], comp[~counted])
+    torch.testing.assert_close(w * (1 - t).clamp_min(1e-3) * G, torch.ones(B))
+    assert counted[:, -1].float().mean().item() == pytest.approx(0.5, abs=0.01)     # the last block too
+    for j in range(G):
+        assert (counted[:, j] * w * G).mean().item() == pytest.approx(1.0, abs=0.05), j
+
+
 # ----------------------------------------------------------------------------- training and CLI
 def run_cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "llada_finetune.py", *args], cwd=cwd, capture_output=True,
@@ -109,6 +122,24 @@ def test_every_phase_logs_its_held_out_change_which_is_zero_when_the_adapters_do
     a, b = adapters(os.path.join(off, "state_rank0.pt")), adapters(os.path.join(out, "state_rank0.pt"))
     assert all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
     assert not any("held_out_change" in json.loads(line) for line in open(os.path.join(off, "metrics.jsonl")))
+
+
+def test_the_control_shuffles_only_the_rewards_so_its_first_step_sees_dtms_buffer_and_masks(tiny, tmp_path,
+                                                                                               monkeypatch):
+    seen = {}
+
+    def spy(self, rows, eta, log_Z, r):                  # record what the first step's loss is given
+        x1, x_t, _, where, tw = self.inputs(self.buffer, rows)
+        seen.setdefault(self.args.control, (rows, x_t, where, r.clone()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lf.Trainer, "loss", spy)
+    monkeypatch.setitem(lf.PROTOCOLS["ours"]["rewards"], "countdown", lambda text, item: float(len(text) % 7))
+    for control in ([], ["--control"]):
+        with pytest.raises(KeyboardInterrupt):
+            lf.main(train_args(tiny[0], str(tmp_path / f"c{len(control)}"), "--held_out_prompts", "0", *control))
+    (rows, x_t, where, r), (rows_c, x_t_c, where_c, r_c) = seen[False], seen[True]
+    assert torch.equal(rows, rows_c) and torch.equal(x_t, x_t_c) and torch.equal(where, where_c)
+    assert torch.equal(torch.sort(r).values, torch.sort(r_c).values) and not torch.equal(r, r_c)   # moved
 
 
 def test_training_with_the_dual_cache_sampler_for_rollouts_runs_to_an_adapter(tiny, tmp_path):
@@ -198,3 +229,15 @@ def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
     assert "rank 1: resumed" in r.stdout and "rank 1: stopped at phase 2, step 1" in r.stdout
     s0, s1 = (torch.load(os.path.join(out, f"state_rank{k}.pt"), weights_only=True) for k in (0, 1))
     assert s0["global_step"] == s1["global_step"] == 3 and s0["lora_checksum"] == s1["lora_checksum"]
+
+
+def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_otherwise(tiny, tmp_path, monkeypatch):
+    """llada/sudoku_report.py: buffer_tilt regresses the ELBO change of the last buffer on eta r."""
+    from llada.sudoku_report import buffer_tilt
+    monkeypatch.setitem(lf.PROTOCOLS["ours"]["rewards"], "countdown", lambda text, item: float(len(text) % 7))
+    slopes = []
+    for lr in ("0", "1e-2"):
+        out = str(tmp_path / f"lr{lr}")
+        lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--lr", lr, "--min_lr", lr, "--held_out_prompts", "0"))
+        slopes.append(buffer_tilt(out)[0])
+    assert slopes[0] == 0.0 and slopes[1] != 0.0

@@ -1,0 +1,155 @@
+"""The small Sudoku LLaDA's results, read from the runs of `llada_finetune.py --phase_eval` (their
+metrics.jsonl): a table of test accuracy at the start and end of each group of runs, with the spread
+over seeds, the teacher's buffer reward per phase, the phases whose health check says they learned,
+and a figure of test accuracy per phase. --buffer_tilt adds how far each run's last phase moved its own
+buffer towards the tilt (from its state_rank0.pt).
+
+    python -m llada.sudoku_report --group DTM runs/tiny/dtm_s0 runs/tiny/dtm_s1 \\
+        --group control runs/tiny/ctl_s0 runs/tiny/ctl_s1 --figure figures/tiny_sudoku.png
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from maze.mdm import Help                                                      # noqa: E402
+
+
+def read_run(run):
+    """Of one run: {a: test summary} (a = 0: the base), the teacher's buffer reward at each phase start,
+    and each phase's health check (held-out change, its SE)."""
+    test, buffer, check = {}, [], []
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for row in map(json.loads, f):
+            if "test" in row:
+                test[row["a"]] = row["test"]
+            elif "rollout_s" in row:
+                buffer.append(row["buffer_reward"])
+            elif "held_out_change" in row:
+                check.append((row["held_out_change"], row["held_out_change_se"]))
+    return test, buffer, check
+
+
+@torch.no_grad()
+def buffer_tilt(run, maskings=4):
+    """How far a run's last phase moved its own replay buffer towards the tilt. Per rollout x of the
+    buffer, the tilt asks log p_{a+eta}(x) - log p_a(x) = eta r(x) - log Z. We estimate log p by the SAR
+    ELBO, G * sum over the counted tokens of tw * log p (the mean of `maskings` fixed maskings), for the
+    student (the phase's end) and the teacher (its start), and regress the change on eta r, both centred
+    per Z group (per prompt, or the buffer). Returns (slope, correlation): the tilt is slope 1, corr 1;
+    nan when no group has a reward spread."""
+    import llada_finetune as lf
+    from llada.lora import teacher_mode
+    s = torch.load(os.path.join(run, "state_rank0.pt"), map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**dict(s["args"], resume=True, device="cpu", out=run))
+    t = lf.Trainer(args)
+    t.load()
+    b, g, G = t.buffer, torch.Generator().manual_seed(0), args.gen_length
+    d = torch.zeros(len(b["r"]), dtype=torch.float64)
+    t.model.eval()
+    for _ in range(maskings):
+        c_t, counted, tw, _ = t.mask(b["comp"], g)
+        data = dict(b, c_t=c_t, counted=counted, tw=tw)
+        for rows in torch.arange(len(d)).split(256):
+            x1, x_t, am, where, w = t.inputs(data, rows)
+            seq = where.nonzero()[:, 0]
+            for sign, teacher in ((1, False), (-1, True)):
+                with teacher_mode(t.model) if teacher else contextlib.nullcontext():
+                    logp = t.model(x_t, am, where).double().log_softmax(-1).gather(1, x1[where][:, None])[:, 0]
+                d[rows] += sign * G * torch.zeros(len(rows), dtype=torch.float64).index_add(0, seq, w[seq] * logp) \
+                    / maskings
+    eta = t.a_grid[t.phase - 1] - t.a_grid[t.phase - 2]
+    er = eta * b["r"].double()
+    group = torch.unique(b["idx"], return_inverse=True)[1] if args.z == "prompt" else torch.zeros_like(b["idx"])
+    centre = lambda v: v - (torch.zeros(int(group.max()) + 1, dtype=v.dtype).index_add(0, group, v)  # noqa: E731
+                            / torch.bincount(group).to(v.dtype))[group]
+    x, y = centre(er), centre(d)
+    if not x.any():                                     # no reward spread in a group: nothing to tilt
+        return math.nan, math.nan
+    return (x * y).sum().item() / (x * x).sum().item(), ((x * y).sum() / (x.norm() * y.norm())).item()
+
+
+def spread(values):
+    """'mean ± SE over seeds' (one seed: its value, labelled)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return f"{v[0]:.3f} (1 seed)"
+    return f"{v.mean():.3f} ± {v.std(ddof=1) / len(v) ** 0.5:.3f}"
+
+
+def table(groups, tilt=False):
+    """Markdown rows: group, seeds, base and final test cell accuracy / whole puzzles, the teacher's buffer
+    reward per phase (mean over seeds), and the phases whose health check says they learned."""
+    lines = ["| runs | seeds | cell accuracy, start -> end | whole puzzles, end | teacher's buffer reward per "
+             "phase | phases below 0 on the held-out check |" + (" last phase's buffer tilt: slope, corr (1, 1: "
+             "the tilt) |" if tilt else ""), "|---|---|---|---|---|---|" + ("---|" if tilt else "")]
+    for name, runs in groups.items():
+        read = [read_run(r) for r in runs]
+        ends = [t[max(t)] for t, _, _ in read]
+        starts = [t[min(t)] for t, _, _ in read]
+        n = min(len(b) for _, b, _ in read)
+        reward = " / ".join(f"{np.mean([b[k] for _, b, _ in read]):.2f}" for k in range(n))
+        learned = sum(x < -se for _, _, c in read for x, se in c)
+        lines.append(f"| {name} | {len(runs)} | {spread([s['acc'] for s in starts])} -> "
+                     f"{spread([e['acc'] for e in ends])} | {spread([e['whole'] for e in ends])} | {reward} | "
+                     f"{learned} of {sum(len(c) for _, _, c in read)} |" +
+                     (" " + ", ".join(f"{m:.2f}" for m in np.mean([buffer_tilt(r) for r in runs], 0)) + " |"
+                      if tilt else ""))
+    return lines
+
+
+def plot(groups, png, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = None
+    for (name, runs), colour in zip(groups.items(), ["C0", "C3", "C2", "C1", "C4"]):
+        read = [read_run(r)[0] for r in runs]
+        a = sorted(set.intersection(*(set(t) for t in read)))
+        acc = np.array([[t[x]["acc"] for x in a] for t in read])                         # (seeds, phases)
+        for row in acc:
+            ax.plot(a, row, color=colour, alpha=0.25, lw=1)
+        ax.errorbar(a, acc.mean(0), yerr=acc.std(0, ddof=1) / len(acc) ** 0.5 if len(acc) > 1 else None,
+                    color=colour, lw=2, capsize=3, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        base = acc[:, 0].mean() if base is None else base
+    ax.axhline(base, color="k", ls="--", lw=1, label="base")
+    ax.set(xlabel="tilt a at the end of the phase", ylabel="test cell accuracy (256 puzzles, greedy)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
+    p.add_argument("--group", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
+                   help="a name, then the run directories of its seeds")
+    p.add_argument("--figure", help="write the figure of test accuracy per phase here")
+    p.add_argument("--buffer_tilt", action="store_true", help="add how far each run's last phase moved its own "
+                                                               "buffer towards the tilt (mean over seeds)")
+    p.add_argument("--title", default="small LLaDA, 4x4 Sudoku: DTM against its control", help="figure title")
+    return p
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    groups = {g[0]: g[1:] for g in args.group}
+    missing = [r for runs in groups.values() for r in runs if not os.path.isfile(os.path.join(r, "metrics.jsonl"))]
+    if missing or any(not runs for runs in groups.values()):
+        p.error(f"no metrics.jsonl in {missing[0]}" if missing else "each --group needs at least one run")
+    print("\n".join(table(groups, args.buffer_tilt)))
+    if args.figure:
+        plot(groups, args.figure, args.title)
+
+
+if __name__ == "__main__":
+    main()
