@@ -86,6 +86,12 @@ FALLBACK = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", a_max=100
                 held_out_prompts=16)
 
 
+def stratified_t(B, generator=None, device="cpu"):
+    """B times in (0, 1), one in each of B equal strata (one shared uniform offset), in random order."""
+    t = (torch.rand((), generator=generator, device=device) + torch.arange(B, device=device)) / B
+    return t[torch.randperm(B, generator=generator, device=device)]
+
+
 def sar_mask(comp, block_length, mask_id, generator=None):
     """SAR-aligned forward process (App. C) on completions comp (B, G), as the sampler sees them:
     an active block k ~ U{0..K-1} per sequence; blocks before k clean, blocks after k fully masked;
@@ -96,8 +102,7 @@ def sar_mask(comp, block_length, mask_id, generator=None):
     B, G = comp.shape
     dev = comp.device
     k = torch.randint(G // block_length, (B,), generator=generator, device=dev)
-    t = (torch.rand((), generator=generator, device=dev) + torch.arange(B, device=dev)) / B
-    t = t[torch.randperm(B, generator=generator, device=dev)]
+    t = stratified_t(B, generator, dev)
     blk = torch.arange(G, device=dev) // block_length                  # block of each position
     counted = (blk == k[:, None]) & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
     x_t = torch.where(counted | (blk > k[:, None]), torch.full_like(comp, mask_id), comp)
@@ -111,8 +116,7 @@ def any_order_mask(comp, mask_id, generator=None):
     Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,), as sar_mask."""
     B, G = comp.shape
     dev = comp.device
-    t = (torch.rand((), generator=generator, device=dev) + torch.arange(B, device=dev)) / B
-    t = t[torch.randperm(B, generator=generator, device=dev)]
+    t = stratified_t(B, generator, dev)
     counted = torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None]
     return comp.masked_fill(counted, mask_id), counted, 1.0 / (1.0 - t).clamp_min(1e-3) / G, t
 

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, chat_text, left_pad, load_model, load_tokenizer,  # noqa: E402
                          random_model, save_safetensors)
 from llada.protocols import PROTOCOLS                                                   # noqa: E402
-from llada.tasks import sudoku_grids, sudoku_puzzle, sudoku_test_set                    # noqa: E402
+from llada.tasks import sudoku_test_set, sudoku_train_grids, sudoku_train_puzzle        # noqa: E402
 from maze.mdm import Help                                                               # noqa: E402
 
 # LLaDA's special tokens, by their names in its tokenizer.json; ours get the ids 0..5.
@@ -147,14 +147,13 @@ def sudoku_response(solution):
 
 def sudoku_sft_grids(k, seed):
     """k of the 200 training grids (those that solve no test puzzle), drawn with seed; all 200 if k = 0."""
-    held_out = {t["solution"] for t in sudoku_test_set()}
-    train = [g for g in sudoku_grids() if g not in held_out]
+    train = sudoku_train_grids(sudoku_test_set())
     return train if not k else random.Random(seed).sample(train, k)
 
 
 def sudoku_batches(tok, grids, prompt_of, gen_length, batch, seed, device="cpu"):
-    """next_batch() for train: `batch` fresh puzzles of `grids` (4-12 empty cells, unique solutions, as
-    llada/tasks.py: sudoku_data draws them) -> (prompt ids, attention mask, response ids with EOS padding)."""
+    """next_batch() for train: `batch` fresh puzzles of `grids` (llada/tasks.py: sudoku_train_puzzle, as
+    sudoku_data draws them) -> (prompt ids, attention mask, response ids with EOS padding)."""
     rng, eos = random.Random(seed), tok.token_to_id("<|endoftext|>")
     answers = {g: tok.encode(sudoku_response(g), add_special_tokens=False).ids for g in grids}
     if max(len(a) for a in answers.values()) > gen_length:
@@ -162,7 +161,7 @@ def sudoku_batches(tok, grids, prompt_of, gen_length, batch, seed, device="cpu")
                          f"({max(len(a) for a in answers.values())} tokens)")
 
     def next_batch():
-        items = [sudoku_puzzle(rng.choice(grids), rng.randint(4, 12), rng) for _ in range(batch)]
+        items = [sudoku_train_puzzle(grids, rng) for _ in range(batch)]
         ids, am = left_pad([chat_prompt(tok, prompt_of(it)) for it in items], eos, device)
         resp = torch.tensor([answers[it["solution"]] + [eos] * (gen_length - len(answers[it["solution"]]))
                              for it in items], device=device)

@@ -117,15 +117,25 @@ def sudoku_test_set(n_test=256):
     return [sudoku_puzzle(test_grids[i % len(test_grids)], rng.choice((7, 8, 9)), rng) for i in range(n_test)]
 
 
+def sudoku_train_grids(test):
+    """The grids that solve no puzzle of `test`: the only ones training may draw from."""
+    held_out = {t["solution"] for t in test}
+    return [g for g in sudoku_grids() if g not in held_out]
+
+
+def sudoku_train_puzzle(grids, rng):
+    """A training puzzle: a random grid of `grids`, 4-12 empty cells, a unique solution."""
+    return sudoku_puzzle(rng.choice(grids), rng.randint(4, 12), rng)
+
+
 def sudoku_data(seed=0, test=None, n_train=4000):
     """(train, test). test is `sudoku_test_set()` unless given (e.g. SPG's test CSV). Training puzzles
-    are drawn with `seed`, 4-12 empty cells, from the grids that solve no test puzzle: no seed and no
-    test file can put a test solution into training."""
+    are drawn with `seed` from the grids that solve no test puzzle: no seed and no test file can put a
+    test solution into training."""
     test = sudoku_test_set() if test is None else test
-    held_out = {t["solution"] for t in test}
-    train_grids = [g for g in sudoku_grids() if g not in held_out]
+    train_grids = sudoku_train_grids(test)
     rng, shots = random.Random(seed), {p for p, _ in SUDOKU_SHOTS}
-    train = [sudoku_puzzle(rng.choice(train_grids), rng.randint(4, 12), rng) for _ in range(n_train)]
+    train = [sudoku_train_puzzle(train_grids, rng) for _ in range(n_train)]
     return [t for t in train if t["puzzle"] not in shots], test
 
 
