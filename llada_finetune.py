@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dtm import dtm_loss, group_log_mean_exp
 from llada.bench import SHAPES, auto_rollout_batch, bench
+from llada.grpo import D1, GRPOTrainer
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
@@ -168,6 +169,7 @@ class Trainer:
         self.a_grid = [min(k * a.eta, a.a_max) for k in range(n + 1)]
         self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
         self.held = None                                               # the phase's held-out rollouts
+        self.n_rollouts = 0                                            # trained on, all ranks (not the check's)
         self.rollout_batch = None if a.rollout_batch == "auto" else a.rollout_batch
         self.path = os.path.join(a.out, f"state_rank{self.rank}.pt")
         self.stop = False
@@ -176,23 +178,27 @@ class Trainer:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
 
     # ---- rollouts
+    def rollout_mode(self):
+        """The adapter the rollouts come from: DTM's frozen teacher p_a (llada/grpo.py: the policy)."""
+        return teacher_mode(self.model)
+
     @torch.no_grad()
     def rollouts(self, prompt_ids, gen=None):
-        """`completions` teacher rollouts of each prompt: {idx, comp (n, G), r (n,)}."""
+        """`completions` rollouts of each prompt, from `rollout_mode`: {idx, comp (n, G), r (n,)}."""
         a, C = self.args, self.args.completions
         rows = [i for i in prompt_ids for _ in range(C)]
         comps, rs = [], []
         self.model.eval()
         if self.rollout_batch is None:                                 # --rollout_batch auto, measured once
             T = max(len(self.prompt(i)) for i in prompt_ids) + a.gen_length
-            with teacher_mode(self.model), self.autocast():
+            with self.rollout_mode(), self.autocast():
                 self.rollout_batch, table = auto_rollout_batch(self.model, T, a.block_length, a.temperature)
             print("rollout batch auto: " + ", ".join(f"{b}: {b * a.tokens_per_step / s:.0f} tokens/s"
                                                      for b, s, _ in table) + f" -> {self.rollout_batch}")
         for j in range(0, len(rows), self.rollout_batch):
             chunk = rows[j:j + self.rollout_batch]
             ids, am = left_pad([self.prompt(i) for i in chunk], self.cfg.eos_token_id, self.device)
-            with teacher_mode(self.model), self.autocast():
+            with self.rollout_mode(), self.autocast():
                 comp = generate(self.model, ids, am, a.gen_length, a.gen_length // a.tokens_per_step,
                                 a.block_length, a.temperature, generator=gen or self.gen, cache=a.rollout_cache)
             comps.append(comp)
@@ -217,6 +223,7 @@ class Trainer:
         slots = torch.randperm(a.buffer_prompts, generator=self.gen, device=self.device)[:a.refresh_prompts]
         rows = (slots[:, None] * C + torch.arange(C, device=self.device)).flatten()
         new = self.rollouts(self.draw_prompts(len(slots)))
+        self.n_rollouts += len(new["r"]) * self.world
         for k in self.buffer:
             self.buffer[k][rows] = new[k]
 
@@ -298,15 +305,7 @@ class Trainer:
             loss = self.loss(rows, eta, log_Z, r) * len(rows) / a.batch    # gradient accumulation
             loss.backward()
             total += loss.item()
-        if self.world > 1:                                              # average the LoRA gradients
-            flat = torch.cat([p.grad.flatten() for p in self.params])
-            dist.all_reduce(flat)
-            flat /= self.world
-            off = 0
-            for p in self.params:
-                p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, a.clip)
+        gnorm = self.average_and_clip()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, a.steps_per_phase, a.lr, a.min_lr)
         self.opt.step()
@@ -317,6 +316,18 @@ class Trainer:
                     e.lerp_(p, 1 - a.ema)
         return total, float(gnorm)
 
+    def average_and_clip(self):
+        """Average the LoRA gradients over the ranks; clip their norm; return it."""
+        if self.world > 1:
+            flat = torch.cat([p.grad.flatten() for p in self.params])
+            dist.all_reduce(flat)
+            flat /= self.world
+            off = 0
+            for p in self.params:
+                p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+        return torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
+
     def new_optimizer(self):
         a = self.args
         return torch.optim.AdamW(self.params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
@@ -326,7 +337,7 @@ class Trainer:
         """Every rank writes its own buffer and RNG states; the adapters and AdamW, the same on every
         rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
         state = dict(buffer=self.buffer, held=self.held, phase=self.phase, step=self.step,
-                     global_step=self.global_step, ema=self.ema,
+                     global_step=self.global_step, ema=self.ema, n_rollouts=self.n_rollouts,
                      gen=self.gen.get_state(), check_gen=self.check_gen.get_state(),
                      control_gen=self.control_gen.get_state(), rng=torch.get_rng_state(),
                      args=vars(self.args),
@@ -362,7 +373,7 @@ class Trainer:
         except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot resume ({str(e).splitlines()[0]})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
-        self.held = s.get("held")
+        self.held, self.n_rollouts = s.get("held"), s.get("n_rollouts", 0)
         if shared["opt"] is not None:
             self.opt = self.new_optimizer()
             self.opt.load_state_dict(shared["opt"])
@@ -375,16 +386,18 @@ class Trainer:
         if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU
             torch.cuda.set_rng_state(s["cuda_rng"].cpu(), self.device)
 
-    def test_accuracy(self, k):
-        """--phase_eval: the student on the first test items, as --eval scores them; logged with phase k."""
-        a = self.args
+    def test_accuracy(self, **at):
+        """--phase_eval: the student on the first test items, as --eval scores them; logged with `at` (e.g. the
+        phase and its a) and the training seconds so far (the evaluations' own time left out)."""
+        a, t0 = self.args, time.time()
         acc = evaluate(self.model, self.tok, a.task, self.test[:a.phase_eval], a.eval_lengths[0], a.eval_batch,
                        a.block_length, a.protocol)[PROTOCOLS[a.protocol]["scorer"]]
         self.model.train()
-        self.log(phase=k, a=self.a_grid[k], test=acc)
+        self.eval_s += time.time() - t0
+        self.log(**at, seconds=round(time.time() - self.t_start - self.eval_s, 1), test=acc)
         if self.rank == 0:
-            print(f"a = {self.a_grid[k]:g}: test accuracy {acc['acc']:.3f} ± {acc['se']:.3f} "
-                  f"(all right: {acc['whole']:.3f} ± {acc['whole_se']:.3f}, {acc['n']} items)")
+            print(", ".join(f"{k} = {v:g}" for k, v in at.items()) + f": test accuracy {acc['acc']:.3f} ± "
+                  f"{acc['se']:.3f} (all right: {acc['whole']:.3f} ± {acc['whole_se']:.3f}, {acc['n']} items)")
 
     def log(self, **row):
         if self.rank == 0:
@@ -395,13 +408,14 @@ class Trainer:
     def run(self):
         a = self.args
         os.makedirs(a.out, exist_ok=True)
+        self.t_start, self.eval_s = time.time(), 0.0                   # the clock of --phase_eval's log
         if a.resume and os.path.isfile(self.path):
             self.load()
             print(f"rank {self.rank}: resumed from {self.path} at phase {self.phase}, step {self.step}")
         previous = signal.signal(signal.SIGINT, self.on_interrupt)
         try:
             if a.phase_eval and self.phase == 1 and self.step == 0:
-                self.test_accuracy(0)                                   # the base
+                self.test_accuracy(phase=0, a=0.0, rollouts=0)          # the base
             while self.phase < len(self.a_grid):
                 k, t0 = self.phase, time.time()
                 eta = self.a_grid[k] - self.a_grid[k - 1]
@@ -410,6 +424,7 @@ class Trainer:
                     self.ema = [p.detach().clone() for p in self.params] if a.ema else None
                     self.opt = self.new_optimizer()
                     self.buffer = self.rollouts(self.draw_prompts(a.buffer_prompts))
+                    self.n_rollouts += len(self.buffer["r"]) * self.world
                     if a.held_out_prompts:
                         self.held = self.held_out()
                         self.held["j_teacher"] = self.phase_objective(eta, student=False)
@@ -447,7 +462,7 @@ class Trainer:
                               ("below 0 by more than its SE, the phase learned" if x < -se else
                                "not below 0 by its SE, the phase fitted noise"))
                 if a.phase_eval:
-                    self.test_accuracy(k)
+                    self.test_accuracy(phase=k, a=self.a_grid[k], rollouts=self.n_rollouts)
                 self.phase, self.step = self.phase + 1, 0
                 self.save()
                 if self.rank == 0:
@@ -549,6 +564,18 @@ def parser():
     g.add_argument("--phase_eval", type=int, help="evaluate the student on the first N test items (the --eval "
                                                   "protocol, first --eval_lengths) at the start and after "
                                                   "every phase, into metrics.jsonl (default: 0, off)")
+    r = p.add_argument_group("--method grpo: diffu-GRPO, d1's RL baseline (llada/grpo.py); unset flags take "
+                             "d1's released values (tiny: the same loop, sized for the small LLaDA)")
+    r.add_argument("--method", choices=["dtm", "grpo"], default="dtm", help="the fine-tuning method")
+    r.add_argument("--beta", type=float, help="KL coefficient to the reference (d1: 0.04)")
+    r.add_argument("--mu", type=int, help="updates per batch of rollouts (d1: 12)")
+    r.add_argument("--eps", type=float, help="ratio clip (d1: 0.5)")
+    r.add_argument("--p_mask_prompt", type=float, default=0.15, help="prompt masking of d1's surrogate log q")
+    r.add_argument("--grpo_prompts", type=int, help="prompts per iteration; G = --completions rollouts each")
+    r.add_argument("--iterations", type=int, help="GRPO iterations (rollouts = iterations x prompts x G)")
+    r.add_argument("--ref_sync", type=int, help="iterations between re-syncs of the reference to the policy "
+                                                "(d1: 64 steps = 5 iterations of 12; 0: never)")
+    r.add_argument("--eval_every", type=int, default=2, help="--phase_eval: iterations between evaluations")
     s = p.add_argument_group("sampling and model")
     s.add_argument("--gen_length", type=int, help="completion tokens of a rollout (default: 256)")
     s.add_argument("--block_length", type=int, help="semi-autoregressive block (default: 32)")
@@ -578,7 +605,8 @@ def parse(argv=None):
     table = dict(paper=PRESETS, released=RELEASED, tiny=TINY)[args.preset]
     if args.task not in table:
         p.error(f"--preset {args.preset}: there is a config for {' and '.join(table)} only")
-    for k, v in {**FALLBACK, "lora_targets": list(LORA_TARGETS), **table[args.task]}.items():
+    d1 = D1[args.preset] if args.method == "grpo" else {}
+    for k, v in {**FALLBACK, "lora_targets": list(LORA_TARGETS), **table[args.task], **d1}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     problems = [m for bad, m in [
@@ -590,7 +618,9 @@ def parse(argv=None):
          "gen_length / tokens_per_step steps must split evenly over the blocks"),
         (args.refresh_prompts > args.buffer_prompts, "--refresh_prompts exceeds --buffer_prompts"),
         (not args.bench_shape and not args.model_dir, "--model_dir is required (except with --bench_shape)"),
-        (args.model_dir and not os.path.isdir(args.model_dir), f"--model_dir {args.model_dir} is not a directory")]
+        (args.model_dir and not os.path.isdir(args.model_dir), f"--model_dir {args.model_dir} is not a directory"),
+        (args.method == "grpo" and args.completions < 2, "--method grpo needs --completions >= 2 (a group)"),
+        (args.method == "grpo" and args.resume, "--resume is for DTM runs only")]
         if bad]
     if problems:
         p.error(problems[0])
@@ -613,6 +643,8 @@ def main(argv=None):
             bench(args, Trainer(args, model))
         elif args.eval:
             run_eval(args)
+        elif args.method == "grpo":
+            GRPOTrainer(Trainer(args)).run()
         else:
             Trainer(args).run()
     except CheckpointError as e:

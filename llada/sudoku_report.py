@@ -6,6 +6,8 @@ buffer towards the tilt (from its state_rank0.pt).
 
     python -m llada.sudoku_report --group DTM runs/tiny/dtm_s0 runs/tiny/dtm_s1 \\
         --group control runs/tiny/ctl_s0 runs/tiny/ctl_s1 --figure figures/tiny_sudoku.png
+    python -m llada.sudoku_report --group DTM runs/p24/ll_dtm_s0 --group d1 runs/p24/ll_grpo_s0 \\
+        --cost_figure figures/rl_sudoku.png      # against rollouts and seconds, beside d1 (--method grpo)
 """
 import argparse
 import contextlib
@@ -23,13 +25,13 @@ from maze.mdm import Help                                                      #
 
 
 def read_run(run):
-    """Of one run: {a: test summary} (a = 0: the base), the teacher's buffer reward at each phase start,
-    and each phase's health check (held-out change, its SE)."""
+    """Of one run: {a: test summary} (a = 0: the base; a --method grpo run: {iteration: summary}), the teacher's
+    buffer reward at each phase start, and each phase's health check (held-out change, its SE)."""
     test, buffer, check = {}, [], []
     with open(os.path.join(run, "metrics.jsonl")) as f:
         for row in map(json.loads, f):
             if "test" in row:
-                test[row["a"]] = row["test"]
+                test[row["a"] if "a" in row else row["iteration"]] = row["test"]
             elif "rollout_s" in row:
                 buffer.append(row["buffer_reward"])
             elif "held_out_change" in row:
@@ -128,11 +130,43 @@ def plot(groups, png, title):
     print(f"wrote {png}")
 
 
+def cost_curve(run):
+    """(rollouts, seconds, cell accuracy) at each test evaluation of a run that logged its cost (n, 3)."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "test" in r and "rollouts" in r]
+    return np.array([[r["rollouts"], r["seconds"], r["test"]["acc"]] for r in rows])
+
+
+def plot_cost(groups, png, title):
+    """Test cell accuracy against training rollouts and against training seconds, mean over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, runs), colour in zip(groups.items(), ["C0", "C3", "C2", "C1", "C4"]):
+        curves = [cost_curve(r) for r in runs]
+        n = min(len(c) for c in curves)
+        c = np.stack([k[:n] for k in curves])                                          # (seeds, n, 3)
+        se = c[:, :, 2].std(0, ddof=1) / len(c) ** 0.5 if len(c) > 1 else None
+        for ax, j in zip(axes, (0, 1)):
+            ax.errorbar(c[:, :, j].mean(0), c[:, :, 2].mean(0), yerr=se, color=colour, lw=2, capsize=3, marker="o",
+                        ms=3, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    for ax, xlabel in zip(axes, ("training rollouts", "training seconds (1 thread, 2 jobs on 2 cores)")):
+        ax.set(xlabel=xlabel, ylabel="test cell accuracy (256 puzzles, greedy)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--group", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
                    help="a name, then the run directories of its seeds")
     p.add_argument("--figure", help="write the figure of test accuracy per phase here")
+    p.add_argument("--cost_figure", help="write the figure of test accuracy against training rollouts and seconds "
+                                         "here (runs that logged them: DTM and --method grpo)")
     p.add_argument("--buffer_tilt", action="store_true", help="add how far each run's last phase moved its own "
                                                                "buffer towards the tilt (mean over seeds)")
     p.add_argument("--title", default="small LLaDA, 4x4 Sudoku: DTM against its control", help="figure title")
@@ -149,6 +183,8 @@ def main(argv=None):
     print("\n".join(table(groups, args.buffer_tilt)))
     if args.figure:
         plot(groups, args.figure, args.title)
+    if args.cost_figure:
+        plot_cost(groups, args.cost_figure, args.title)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ import shlex
 import pytest
 
 import dtm
+import grpo
 import llada_finetune
 from llada import cache_agreement, sft, sudoku_report
-from maze import capacity, experiments, mdm, refit
+from maze import capacity, experiments, mdm, refit, rl_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "maze/FINDINGS.md", "llada/README.md"]
 PARSERS = {"dtm.py": lambda a: dtm.parser().parse_args(a),
+           "grpo.py": lambda a: grpo.parser().parse_args(a),
+           "-m maze.rl_report": lambda a: rl_report.parser().parse_args(a),
            "-m maze.experiments": lambda a: experiments.parser().parse_args(a),
            "-m maze.mdm": lambda a: mdm.parser().parse_args(a),
            "-m maze.capacity": capacity.parse,

@@ -178,13 +178,14 @@ def test_help_lists_the_main_flags():
 
 
 def test_every_clis_help_shows_each_default_once_zero_included_and_never_none():
-    """One help formatter (maze.mdm.Help) for dtm.py, maze/mdm.py, maze/experiments.py and llada_finetune.py."""
+    """One help formatter (maze.mdm.Help) for dtm.py, maze/mdm.py, maze/experiments.py, llada_finetune.py, grpo.py."""
     import re
 
+    import grpo
     import llada_finetune
     from maze import experiments, mdm
     for name, p in (("dtm", dtm.parser()), ("mdm", mdm.parser()), ("experiments", experiments.parser()),
-                    ("llada", llada_finetune.parser())):
+                    ("llada", llada_finetune.parser()), ("grpo", grpo.parser())):
         text = p.format_help()
         assert "(default: None)" not in text, name
         for entry in re.split(r"\n  (?=-)", text):                   # one flag's help each

@@ -241,3 +241,64 @@ def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_ot
         lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--lr", lr, "--min_lr", lr, "--held_out_prompts", "0"))
         slopes.append(buffer_tilt(out)[0])
     assert slopes[0] == 0.0 and slopes[1] != 0.0
+
+
+# ----------------------------------------------------------------------------- --method grpo (llada/grpo.py)
+def grpo_args(tiny_dir, out, *extra):
+    return ["--model_dir", tiny_dir, "--task", "countdown", "--out", out, "--method", "grpo", "--gen_length", "8",
+            "--block_length", "4", "--tokens_per_step", "2", "--completions", "3", "--grpo_prompts", "2",
+            "--iterations", "2", "--mu", "2", "--lora_r", "4", "--lr", "1e-2", "--rollout_batch", "6",
+            "--device", "cpu", *extra]
+
+
+def test_grpo_surrogate_masks_the_whole_completion_and_real_prompt_tokens_only_and_counts_to_the_first_stop(tiny,
+                                                                                                         tmp_path):
+    from llada.grpo import GRPOTrainer
+    g = GRPOTrainer(lf.Trainer(lf.parse(grpo_args(tiny[0], str(tmp_path / "g"), "--p_mask_prompt", "0.5"))))
+    cfg, eos = g.t.cfg, g.t.cfg.eos_token_id
+    comp = torch.tensor([[7, 8, eos, 9, eos, eos, eos, eos], [7, 8, 9, 10, 11, 12, 13, 14]])
+    data = dict(idx=torch.tensor([0, 1]), comp=comp)
+    x1, x_in, am, where, weight = g.inputs(data, g.t.gen)
+    G = comp.shape[1]
+    assert (x_in[:, -G:] == cfg.mask_token_id).all() and torch.equal(x1[:, -G:], comp)
+    assert where[0, -G:].tolist() == [True] * 3 + [False] * 5 and where[1, -G:].all() and not where[:, :-G].any()
+    assert torch.equal(weight, torch.tensor([1 / 3, 1 / 8]))
+    prompt_masked = x_in[:, :-G] == cfg.mask_token_id
+    assert not (prompt_masked & (am[:, :-G] == 0)).any()                  # never the left padding
+    assert 0 < prompt_masked.sum() < am[:, :-G].sum()
+
+
+def varied_reward(monkeypatch):                        # a reward that varies within a group of the random model
+    monkeypatch.setitem(lf.PROTOCOLS["ours"]["rewards"], "countdown", lambda text, item: float(len(text) % 7))
+
+
+def test_grpo_at_lr_0_keeps_the_adapter_at_the_reference_and_its_kl_is_zero_and_moves_it_otherwise(tiny, tmp_path,
+                                                                                                 monkeypatch):
+    from llada.model import load_safetensors
+    varied_reward(monkeypatch)
+    for lr in ("0", "1e-2"):
+        out = str(tmp_path / lr)
+        lf.main(grpo_args(tiny[0], out, "--lr", lr))
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        assert [r["iteration"] for r in rows] == [1, 2] and [r["rollouts"] for r in rows] == [6, 12]
+        B = [t for k, t in load_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors")).items()
+             if "lora_B" in k]
+        moved = sum(b.abs().sum().item() for b in B)
+        if lr == "0":
+            assert moved == 0 and all(r["kl"] == 0 for r in rows)
+        else:
+            assert moved > 0 and rows[-1]["kl"] > 0
+
+
+def test_grpo_micro_batches_accumulate_to_the_whole_batch_update(tiny, tmp_path, monkeypatch):
+    from llada.model import load_safetensors
+    varied_reward(monkeypatch)
+    got = []
+    for micro in ("0", "2"):
+        out = str(tmp_path / micro)
+        lf.main(grpo_args(tiny[0], out, "--iterations", "1", "--micro_batch", micro, "--lora_dropout", "0"))
+        got.append(load_safetensors(os.path.join(out, "adapter", "adapter_model.safetensors")))
+    assert got[0].keys() == got[1].keys()
+    assert sum(t.abs().sum().item() for k, t in got[0].items() if "lora_B" in k) > 0
+    for k in got[0]:
+        torch.testing.assert_close(got[0][k], got[1][k], rtol=1e-4, atol=1e-6)
