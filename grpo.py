@@ -16,6 +16,11 @@ computable: `--logp path` puts it in place of the surrogate, an oracle that only
     python grpo.py --logp path --out runs/grpo_path  # the oracle: the sampled path's own log-likelihood
     python grpo.py --seconds 300                   # stop on time instead of rollouts (--help: all flags)
 
+Kept from d1: G rollouts per prompt, the advantage not divided by the group's std (`--std` divides), the clip
+eps 0.5, the gradient clip 0.2, AdamW (0.9, 0.99), p_mask_prompt 0.15. Changed for the comparison: the whole
+network trains (d1: LoRA), without weight decay (it pulls towards 0, not towards p_ref) or warm-up, and the
+reference is never re-synced (d1: every 64 steps), so that the optimum stays the tilt at a = 1 / beta.
+
 The budget: `--rollouts` (default 1,600 = what `python dtm.py --phi 1 --eta 0.1` trains on: 16 + 4 per
 prompt per phase, 10 phases). The measurement is dtm.py's: end rollouts against the exact tilt at
 a = 1 / beta (maze/exact.py), the realised fraction and distinct valid paths.
@@ -67,6 +72,19 @@ def path_states(x1, rank, m, generator):
     unbiased estimate of (1/L) sum over all L tokens of f at the state that revealed it."""
     x_t, nxt, S = mask_along_path(x1.repeat(m, 1), rank.repeat(m, 1), generator)
     return x_t, nxt, S.float() / (m * rank.shape[1])
+
+
+def all_path_states(x1, rank):
+    """Every state of each rollout's path: for each sampler step k, x_t with the positions of rank >= k masked,
+    and where = those of rank k. x1 (B, T), rank (B, L) -> x_in (S B, T), where (S B, T), weight (S B,) = 1 / L:
+    the exact (1/L) sum over all L tokens, each at the state that revealed it (S = the sampler's steps)."""
+    B, S = len(x1), int(rank.max()) + 1
+    full = torch.full_like(x1, -1)
+    full[:, PROMPT_LEN:] = rank
+    full = full.repeat(S, 1)                                            # copy k of every rollout: (S B, T)
+    k = torch.arange(S, device=x1.device).repeat_interleave(B)[:, None]
+    x_in = torch.where(full >= k, torch.full_like(full, env.MASK), x1.repeat(S, 1))
+    return x_in, full == k, torch.full((S * B,), 1.0 / rank.shape[1], device=x1.device)
 
 
 def token_logp(model, x_in, where, x1):
@@ -184,6 +202,49 @@ def run(args):
     return history, log
 
 
+def gradient_check(args, batches=4, chunk=512):
+    """At the base (policy = reference: ratio 1, KL gradient 0) d1's gradient is the policy gradient of E[r]
+    through its log q. On `batches` batches of G rollouts per prompt, compare the surrogate's gradient and the
+    oracle's (--path_states states per rollout) with the exact path gradient (every state of every path):
+    their cosines, and the exact gradient's cosine between batches (its own noise at this batch size)."""
+    torch.manual_seed(args.seed)
+    gen, wall = torch.Generator(args.device).manual_seed(args.seed), env.make_maze()
+    prompts = env.make_prompts(wall)
+    model = load(args.base, args.device)[0]
+
+    def gradient(states, x1, adv):                                     # sum of chunks = the whole batch's
+        x_in, where, weight = states
+        m = len(x_in) // len(x1)
+        xr, A = x1.repeat(m, 1), adv.repeat(m)
+        model.zero_grad(set_to_none=True)
+        for rows in torch.arange(len(x_in), device=x1.device).split(chunk):
+            lp = token_logp(model, x_in[rows], where[rows], xr[rows])
+            loss, _ = grpo_loss(lp, lp.detach(), lp.detach(), A[rows], where[rows].nonzero()[:, 0], weight[rows],
+                                args.eps, args.beta)
+            (loss * len(rows) / len(x1)).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    cos = lambda u, v: (u @ v / (u.norm() * v.norm())).item()         # noqa: E731
+    exact, rows = [], []
+    for _ in tqdm(range(batches), desc="gradients", disable=None):
+        x1, r, _, rank = (z.flatten(0, 1).to(args.device) for z in rollouts(model, prompts, args.G, args, wall, gen))
+        adv = group_advantage(r.view(len(prompts), args.G), args.std).flatten()
+        exact.append(gradient(all_path_states(x1, rank), x1, adv))
+        mf = gradient(mean_field_states(x1, args.p_mask_prompt, gen), x1, adv)
+        path = gradient(path_states(x1, rank, args.path_states, gen), x1, adv)
+        rows.append((cos(mf, exact[-1]), cos(path, exact[-1]), exact[-1].norm().item(), mf.norm().item(),
+                     path.norm().item()))
+    between = [cos(exact[i], exact[j]) for i in range(batches) for j in range(i + 1, batches)]
+    m = np.mean(rows, 0)
+    out = dict(cos_surrogate_exact=m[0], cos_oracle_exact=m[1], norm_exact=m[2], norm_surrogate=m[3],
+               norm_oracle=m[4], cos_exact_between_batches=float(np.mean(between)) if between else float("nan"))
+    print(f"at the base, {batches} batches of {args.G} rollouts per prompt: cos(surrogate, exact path) "
+          f"{m[0]:.3f}, cos(oracle with {args.path_states} states, exact) {m[1]:.3f}, cos(exact, exact of another "
+          f"batch) {out['cos_exact_between_batches']:.3f}; norms: exact {m[2]:.3g}, surrogate {m[3]:.3g}, oracle "
+          f"{m[4]:.3g}")
+    return out
+
+
 # ----------------------------------------------------------------------------- the command line
 def parser():
     p = argparse.ArgumentParser(description="diffu-GRPO (d1) on the maze at beta = 1 / a, against the exact tilt "
@@ -211,6 +272,9 @@ def parser():
     b.add_argument("--out", default="runs/grpo", help="metrics.json and model.pt go here")
     b.add_argument("--seed", type=int, default=0, help="seeds rollouts and maskings")
     b.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    b.add_argument("--gradient_check", type=int, default=0, metavar="N",
+                   help="only compare, at the base on N batches, the surrogate's and the oracle's gradients with the "
+                        "exact path gradient, and exit")
     p.set_defaults(order="random", sample_steps=None, invalid_reward=env.INVALID_REWARD)
     return p
 
@@ -234,6 +298,8 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     try:
+        if args.gradient_check:
+            return gradient_check(args, args.gradient_check)
         history, log = run(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")

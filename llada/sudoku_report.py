@@ -131,10 +131,26 @@ def plot(groups, png, title):
 
 
 def cost_curve(run):
-    """(rollouts, seconds, cell accuracy) at each test evaluation of a run that logged its cost (n, 3)."""
+    """(rollouts, seconds, cell accuracy, whole puzzles) at each test evaluation of a run that logged its cost."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if "test" in r and "rollouts" in r]
-    return np.array([[r["rollouts"], r["seconds"], r["test"]["acc"]] for r in rows])
+    return np.array([[r["rollouts"], r["seconds"], r["test"]["acc"], r["test"]["whole"]] for r in rows])
+
+
+def cost_table(groups):
+    """Markdown rows: each group at the end of its runs, and at the first group's end seconds (its last
+    evaluation within them), test cell accuracy and whole puzzles with their spread over seeds."""
+    curves = {name: [cost_curve(r) for r in runs] for name, runs in groups.items()}
+    budget = np.mean([c[-1, 1] for c in next(iter(curves.values()))])
+    lines = ["| runs | seeds | at | training rollouts | seconds | test cell accuracy | whole puzzles |",
+             "|---|---|---|---|---|---|---|"]
+    for g, (name, cs) in enumerate(curves.items()):
+        for at, pick in (("the end", lambda c: c[-1]),
+                         (f"{budget:.0f} s", lambda c: c[np.searchsorted(c[:, 1], budget + 0.5) - 1]))[:1 + (g > 0)]:
+            rows = np.array([pick(c) for c in cs])
+            lines.append(f"| {name} | {len(cs)} | {at} | {rows[:, 0].mean():.0f} | {rows[:, 1].mean():.0f} | "
+                         f"{spread(rows[:, 2])} | {spread(rows[:, 3])} |")
+    return lines
 
 
 def plot_cost(groups, png, title):
@@ -146,7 +162,7 @@ def plot_cost(groups, png, title):
     for (name, runs), colour in zip(groups.items(), ["C0", "C3", "C2", "C1", "C4"]):
         curves = [cost_curve(r) for r in runs]
         n = min(len(c) for c in curves)
-        c = np.stack([k[:n] for k in curves])                                          # (seeds, n, 3)
+        c = np.stack([k[:n] for k in curves])                                          # (seeds, n, 4)
         se = c[:, :, 2].std(0, ddof=1) / len(c) ** 0.5 if len(c) > 1 else None
         for ax, j in zip(axes, (0, 1)):
             ax.errorbar(c[:, :, j].mean(0), c[:, :, 2].mean(0), yerr=se, color=colour, lw=2, capsize=3, marker="o",
@@ -166,7 +182,8 @@ def parser():
                    help="a name, then the run directories of its seeds")
     p.add_argument("--figure", help="write the figure of test accuracy per phase here")
     p.add_argument("--cost_figure", help="write the figure of test accuracy against training rollouts and seconds "
-                                         "here (runs that logged them: DTM and --method grpo)")
+                                         "here, and print each group at its end and at the first group's end "
+                                         "seconds (runs that logged them: DTM and --method grpo)")
     p.add_argument("--buffer_tilt", action="store_true", help="add how far each run's last phase moved its own "
                                                                "buffer towards the tilt (mean over seeds)")
     p.add_argument("--title", default="small LLaDA, 4x4 Sudoku: DTM against its control", help="figure title")
@@ -184,6 +201,7 @@ def main(argv=None):
     if args.figure:
         plot(groups, args.figure, args.title)
     if args.cost_figure:
+        print("\n".join(cost_table(groups)))
         plot_cost(groups, args.cost_figure, args.title)
 
 

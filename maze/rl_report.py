@@ -86,6 +86,7 @@ def plot(curves, exact, base, png):
         for ax, j in zip(axes, (0, 1)):
             ax.plot(c[:, :, j].mean(0), y, color=colour, lw=2, marker="o" if smooth == 1 else None, ms=3,
                     label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+    axes[0].axvline(curves[0][1][0][-1, 0], color="grey", lw=0.8)      # the first group's budget: equal rollouts
     for ax, xlabel in zip(axes, ("training rollouts", "training seconds (1 thread, 2 jobs on 2 cores)")):
         ax.axhline(exact, color="k", ls="--", lw=1, label=f"exact tilt at a = 1 ({exact:.3f})")
         ax.axhline(base, color="grey", ls=":", lw=1, label=f"base ({base:.3f})")

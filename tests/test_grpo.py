@@ -115,6 +115,11 @@ def test_path_states_are_the_sampled_paths_own_states_and_sum_to_its_log_likelih
         per_k[(j % 2, int((x_in[j, PROMPT_LEN:] != env.MASK).sum()))] = lp[j].item()
     for b in range(2):
         assert sum(per_k[(b, k)] for k in range(L)) == pytest.approx(exact[b].item(), abs=1e-5)
+    x_all, w_all, weight_all = grpo.all_path_states(x1, rank)             # every state at once: the replay
+    with torch.no_grad():
+        lp_all = grpo.token_logp(model, x_all, w_all, x1.repeat(L, 1))
+    per_seq = torch.zeros(2 * L).index_add(0, w_all.nonzero()[:, 0], lp_all) * weight_all
+    assert torch.allclose(per_seq.view(L, 2).sum(0), exact / L, atol=1e-6)
 
 
 def bandit(beta=0.5):
@@ -215,3 +220,17 @@ def test_rl_report_puts_dtm_and_grpo_runs_in_one_table_at_equal_rollouts_and_sec
     assert "| DTM | 1 |" in out and "| d1, at equal rollouts | 1 |" in out and "| d1, at equal seconds | 1 |" in out
     assert "| 16 |" in out                                   # grpo's training rollouts
     assert "fixed point" in out and os.path.getsize(png) > 10_000
+
+
+def test_gradient_check_compares_the_surrogate_and_the_oracle_with_the_exact_path_gradient(tiny_base, monkeypatch):
+    real = grpo.rollouts
+
+    def varied(*a, **k):                                  # the random tiny base finds no valid path: vary r
+        x1, r, valid, rank = real(*a, **k)
+        return x1, torch.rand(r.shape, generator=torch.Generator().manual_seed(r.numel())), valid, rank
+    monkeypatch.setattr(grpo, "rollouts", varied)
+    args = grpo.parse(["--base", tiny_base, "--G", "2", "--gradient_check", "2"])
+    args.sample_steps = 4
+    out = grpo.gradient_check(args, 2)
+    assert all(-1 <= out[k] <= 1 for k in ("cos_surrogate_exact", "cos_oracle_exact", "cos_exact_between_batches"))
+    assert out["norm_exact"] > 0 and out["norm_surrogate"] > 0 and out["norm_oracle"] > 0

@@ -138,6 +138,28 @@ def test_the_report_reads_each_runs_test_accuracy_per_phase_and_buffer_rewards(t
     assert os.path.getsize(tmp_path / "f.png") > 0
 
 
+def test_the_cost_table_reads_grpo_runs_by_iteration_and_picks_their_last_evaluation_within_dtms_seconds(tmp_path):
+    from llada import sudoku_report
+    test = lambda acc: dict(acc=acc, se=0.01, whole=acc / 4, whole_se=0.0, n=4)            # noqa: E731
+    runs = {"dtm": [dict(phase=0, a=0.0, rollouts=0, seconds=0.0, test=test(0.4)),
+                    dict(phase=1, a=10.0, rollouts=320, seconds=100.0, test=test(0.5))],
+            "grpo": [dict(iteration=0, rollouts=0, seconds=0.0, test=test(0.4)),
+                     dict(iteration=2, rollouts=256, seconds=60.0, test=test(0.45)),
+                     dict(iteration=4, rollouts=512, seconds=120.0, test=test(0.6))]}
+    for name, rows in runs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = {"DTM": [str(tmp_path / "dtm")], "d1": [str(tmp_path / "grpo")]}
+    lines = sudoku_report.cost_table(groups)
+    assert lines[2:] == ["| DTM | 1 | the end | 320 | 100 | 0.500 (1 seed) | 0.125 (1 seed) |",
+                         "| d1 | 1 | the end | 512 | 120 | 0.600 (1 seed) | 0.150 (1 seed) |",
+                         "| d1 | 1 | 100 s | 256 | 60 | 0.450 (1 seed) | 0.113 (1 seed) |"]
+    assert sudoku_report.table(groups)[3].startswith("| d1 | 1 | 0.400 (1 seed) -> 0.600 (1 seed) |")
+    sudoku_report.main(["--group", "DTM", groups["DTM"][0], "--group", "d1", groups["d1"][0],
+                        "--cost_figure", str(tmp_path / "c.png")])
+    assert os.path.getsize(tmp_path / "c.png") > 0
+
+
 def test_end_to_end_sft_then_dtm_and_its_control_then_eval_on_the_small_sudoku_llada(tmp_path):
     """python -m llada.sft makes a small LLaDA (reduced: 150 steps, d 64), llada_finetune.py --preset tiny
     (reduced) fine-tunes it with DTM and with its control (--control: the rewards shuffled over the buffer)
