@@ -40,7 +40,7 @@ from tqdm import tqdm
 from dtm import DEFAULT_BASE, rollouts
 from maze import env
 from maze.exact import base_reference, measure
-from maze.mdm import PROMPT_LEN, CheckpointError, Help, load, mask_along_path, save
+from maze.mdm import PROMPT_LEN, CheckpointError, Help, load, mask_along_path, path_state, save
 
 DIVERSITY_OF = 16                     # distinct valid paths among the first 16 rollouts per prompt, as dtm.py's
 
@@ -79,12 +79,9 @@ def all_path_states(x1, rank):
     and where = those of rank k. x1 (B, T), rank (B, L) -> x_in (S B, T), where (S B, T), weight (S B,) = 1 / L:
     the exact (1/L) sum over all L tokens, each at the state that revealed it (S = the sampler's steps)."""
     B, S = len(x1), int(rank.max()) + 1
-    full = torch.full_like(x1, -1)
-    full[:, PROMPT_LEN:] = rank
-    full = full.repeat(S, 1)                                            # copy k of every rollout: (S B, T)
-    k = torch.arange(S, device=x1.device).repeat_interleave(B)[:, None]
-    x_in = torch.where(full >= k, torch.full_like(full, env.MASK), x1.repeat(S, 1))
-    return x_in, full == k, torch.full((S * B,), 1.0 / rank.shape[1], device=x1.device)
+    k = torch.arange(S, device=x1.device).repeat_interleave(B)          # copy k of every rollout: (S B,)
+    x_in, where = path_state(x1.repeat(S, 1), rank.repeat(S, 1), k)
+    return x_in, where, torch.full((S * B,), 1.0 / rank.shape[1], device=x1.device)
 
 
 def token_logp(model, x_in, where, x1):

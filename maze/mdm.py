@@ -161,11 +161,16 @@ def mask_along_path(x1, rank, generator=None):
     B, T = x1.shape
     steps = rank.max(1).values + 1                                        # (B,)
     k = (torch.rand(B, generator=generator, device=x1.device) * steps).long()
+    return (*path_state(x1, rank, k), steps)
+
+
+def path_state(x1, rank, k):
+    """The state of each rollout x1 (B, T) just before its sampler step k (B,): x_t (B, T) with every
+    completion position of rank >= k masked, and the positions of rank k (B, T) bool, revealed from it."""
     full = torch.full_like(x1, -1)
     full[:, PROMPT_LEN:] = rank
-    mask = full >= k[:, None]
-    x_t = torch.where(mask, torch.full_like(x1, env.MASK), x1)
-    return x_t, full == k[:, None], steps
+    x_t = torch.where(full >= k[:, None], torch.full_like(x1, env.MASK), x1)
+    return x_t, full == k[:, None]
 
 
 def elbo_loss(logits, x1, mask, hazard):
