@@ -98,20 +98,22 @@ def plot(curves, exact, base, png):
     print(f"wrote {png}")
 
 
-def fixed_point_line(exact, base, beta=1.0):
-    """Where d1's loss would stop with the exact likelihood of whole paths taken as one token (grpo.py:
-    k3_fixed_point), per prompt on the base's 2,048 reference rollouts, against the exact tilt."""
-    from dtm import DEFAULT_BASE
+def reference_line(run_args):
+    """The base of the runs, its exact tilt at a = 1 / beta and where d1's loss would stop with the exact
+    likelihood of whole paths taken as one token (grpo.py: k3_fixed_point), per prompt on the base's cached
+    reference rollouts (maze/exact.py: base_reference, with the runs' own settings): (base validity, exact
+    validity, the line to print)."""
     from grpo import k3_fixed_point
     from maze import env
-    from maze.exact import REFERENCE_SEED
-    from maze.mdm import cached_rollouts
-    wall = env.make_maze()
-    _, r, valid = cached_rollouts(DEFAULT_BASE, wall, env.make_prompts(wall), 2048, seed=REFERENCE_SEED)
-    q = [k3_fixed_point(np.where(v, rp, env.INVALID_REWARD), beta) for rp, v in zip(r, valid)]
-    v = float(np.mean([(qp * vp).sum() for qp, vp in zip(q, valid)]))
-    return (f"d1's loss at its fixed point with the exact likelihood of whole paths (one token; beta {beta:g}): "
-            f"validity {v:.3f}, {(v - base) / (exact - base):.2f} of the exact tilt's gain ({base:.3f} -> {exact:.3f})")
+    from maze.exact import base_reference, tilted_means
+    wall, a = env.make_maze(), argparse.Namespace(**run_args)
+    beta = run_args.get("beta", 1.0)
+    _, r, valid = base_reference(a.base, wall, env.make_prompts(wall), a.reference_per_prompt, a)
+    base, exact = (tilted_means(r, valid, x)["validity"] for x in (0.0, 1.0 / beta))
+    v = float(np.mean([(k3_fixed_point(rp, beta) * vp).sum() for rp, vp in zip(r, valid)]))
+    share = f"{(v - base) / (exact - base):.2f}" if exact != base else "nan"
+    return base, exact, (f"d1's loss at its fixed point with the exact likelihood of whole paths (one token; beta "
+                         f"{beta:g}): validity {v:.3f}, {share} of the exact tilt's gain ({base:.3f} -> {exact:.3f})")
 
 
 def parser():
@@ -147,10 +149,11 @@ def main(argv=None):
             if ends:
                 rows.append((f"{name}, at equal {budget}", ends))
         curves.append((name, [grpo_run(r, "rollouts")[1] for r in runs], 5))
-    first = rows[0][1][0]
-    exact, f = first["exact_validity"], first["realised_validity"]
-    base = (first["validity"] - f * exact) / (1 - f)                   # f = (v - v_0) / (v* - v_0), for v_0
-    lines = table(rows) + ["", fixed_point_line(exact, base)]
+    first = args.grpo[0][1] if args.grpo else None                     # the base and beta of the runs
+    run_args = json.load(open(os.path.join(first, "metrics.json")))["args"] if first else \
+        torch.load(os.path.join(args.dtm[0][1], "state.pt"), weights_only=True)["args"]
+    base, exact, line = reference_line(run_args)
+    lines = table(rows) + ["", line]
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
