@@ -3,9 +3,9 @@ command line (training, --eval, --bench).
 
 The concepts it uses live one per file: `llada/model.py` (safetensors, the network, the sampler),
 `llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards),
-`llada/protocols.py` (the paper's prompts and scorers, the evaluation loop),
-`llada/bench.py` (--bench) and `dtm.py: dtm_loss` (the loss). No `transformers`, no `peft`: torch and
-`tokenizers` only.
+`llada/protocols.py` (the paper's prompts and scorers, the evaluation loop), `llada/presets.py` (the
+presets), `llada/grpo.py` (--method grpo), `llada/bench.py` (--bench) and `dtm.py: dtm_loss` (the loss).
+No `transformers`, no `peft`: torch and `tokenizers` only.
 
     # the real model (download once, with internet):  huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku                 # DTM, App. D.2 preset
@@ -31,60 +31,18 @@ from tqdm import tqdm
 
 from dtm import dtm_loss, group_log_mean_exp
 from llada.bench import SHAPES, auto_rollout_batch, bench
-from llada.grpo import D1, GRPOTrainer
+from llada.grpo import GRPOTrainer
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
+from llada.presets import D1, FALLBACK, PRESETS, RELEASED, TINY
 from llada.protocols import PROTOCOLS, evaluate, run_eval
 from llada.tasks import task_data
 from maze.mdm import Help
 
 
 # ============================================================================ SAR-aligned DTM
-# App. D.2 of the paper and the authors' released configs (their public repository). The paper's per-task
-# learning rates and eta were lost from its text: lr/min_lr are the released ones where there are some
-# (Countdown, Sudoku), eta is the released h; the GSM8K and MATH values are our choice (override them).
-PRESETS = dict(
-    sudoku=dict(steps_per_phase=256, batch=64, clip=2.0, buffer_prompts=80, completions=1,
-                refresh_prompts=20, refresh_every=32, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.0,
-                z="buffer"),                   # 1 greedy completion per prompt: Z over the buffer
-    countdown=dict(steps_per_phase=800, batch=96, clip=2.0, buffer_prompts=80, completions=6,
-                   refresh_prompts=20, refresh_every=25, lr=4e-6, min_lr=2e-6, eta=6.0, temperature=0.9,
-                   z="prompt"),
-    gsm8k=dict(steps_per_phase=800, batch=96, clip=2.0, buffer_prompts=80, completions=6,
-               refresh_prompts=20, refresh_every=50, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.9,
-               z="prompt"),
-    math=dict(steps_per_phase=400, batch=72, clip=1.0, buffer_prompts=60, completions=8,
-              refresh_prompts=15, refresh_every=50, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.9,
-              z="prompt"),
-)
-# The authors' released configs (--preset released): per-GPU batch = micro-batch x grad-accum, their
-# weighting (no Z, r clipped at 0, 1/n over the active block's masks), and the projections their
-# target_modules actually match in LLaDA (o_proj, gate_proj, down_proj do not exist there).
-RELEASED = dict(
-    countdown=dict(steps_per_phase=1200, batch=96, micro_batch=12, clip=2.0, buffer_prompts=40, completions=6,
-                   refresh_prompts=10, refresh_every=25, lr=4e-6, min_lr=2e-6, eta=6.0, temperature=1.0,
-                   ema=0.95),
-    sudoku=dict(steps_per_phase=256, batch=64, micro_batch=16, clip=1.0, buffer_prompts=80, completions=1,
-                refresh_prompts=20, refresh_every=32, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.0, ema=0.0),
-)
-for cfg in RELEASED.values():
-    cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"])
-# --preset tiny: the same loop sized for 2 CPU cores and a small LLaDA made by `python -m llada.sft`
-# (llada/README.md, "A small LLaDA on 4x4 Sudoku"): short answers, 3 blocks of 8, a low-rank adapter.
-# The paper's reading of the Sudoku tilt (greedy, one completion per prompt, Z over the buffer): of the
-# two, the one that kept the base's accuracy and beat its control (3 seeds); neither raised it.
-TINY = dict(
-    sudoku=dict(steps_per_phase=50, batch=32, clip=1.0, buffer_prompts=256, completions=1, refresh_prompts=64,
-                refresh_every=25, lr=1e-3, min_lr=1e-4, eta=10.0, a_max=40.0, temperature=0.0, z="buffer",
-                held_out_prompts=128, gen_length=24, block_length=8, tokens_per_step=2, lora_r=16, lora_alpha=16,
-                rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
-)
-# What a flag takes when neither it nor the preset sets it (the 8B's sizes).
-FALLBACK = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", a_max=100.0,
-                gen_length=256, block_length=32, tokens_per_step=2, lora_r=128, lora_alpha=64.0,
-                rollout_batch=16, protocol="ours", eval_lengths=[256, 512], eval_batch=8, phase_eval=0,
-                held_out_prompts=16)
+# The presets (PRESETS, RELEASED, TINY, FALLBACK, D1) live in llada/presets.py.
 
 
 def stratified_t(B, generator=None, device="cpu"):

@@ -25,16 +25,6 @@ from grpo import group_advantage, grpo_loss
 from llada.lora import save_adapter, snapshot_teacher, teacher_mode
 from llada.model import left_pad
 
-# d1's released settings (its train.yaml and run.sh: 6 completions, 2 prompts per step, mu 12, the reference
-# re-synced every 64 steps) for the 8B (iterations: ours), and the same loop sized for the small Sudoku LLaDA
-# (10 iterations: DTM's 1,280 rollouts; lr 3e-4: the best of three trials, llada/README.md). --method grpo
-# takes these where no flag sets them, before the preset's values.
-D1 = dict(paper=dict(completions=6, temperature=0.9, lr=3e-6, clip=0.2, beta=0.04, mu=12, eps=0.5, grpo_prompts=2,
-                     iterations=1000, ref_sync=64 // 12),
-          tiny=dict(completions=8, temperature=0.9, lr=3e-4, clip=0.2, beta=0.04, mu=12, eps=0.5, grpo_prompts=16,
-                    iterations=10, ref_sync=0))
-D1["released"] = D1["paper"]
-
 
 class GRPOTrainer:
     """d1's loop on a Trainer (llada_finetune.py): it borrows the trainer's model, adapters, data, rollouts
