@@ -60,7 +60,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     teacher_logits (N, V) the frozen p_a at the same positions; None when phi == 0
     x1 (B, T) clean sequences drawn from p_a;  mask (B, T) bool, the masked positions that count
     reward (B,) r(x1);  time_weight (B,) e.g. the hazard lambda(t) / L (the ELBO's form)
-    phi            a float, or (B,): eq. 17 allows any coefficient that is a function of x_t
+    phi            a float, (B,), or (B, T) one per position: eq. 17 allows any function of x_t (and i)
     group (B,)     ids that share one Z (the prompt); None: the whole batch.  log_Z (B,): the
                    caller's log Z (e.g. over a whole replay buffer), used instead of the batch's
     Returns (1/B) sum_b time_weight_b sum_{i in mask_b} loss_i, or per_sequence: the (B,) terms (their mean).
@@ -89,16 +89,18 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
     er = eta * reward.to(dt)                                           # (B,)
     log_inv_Z = -log_Z.to(dt) if log_Z is not None else -group_log_mean_exp(er, group)   # (B,) log(1/Z)
-    w_ce = phi * torch.exp(log_inv_Z)                                  # phi / Z
-    w_nll = torch.exp(er + log_inv_Z) - w_ce                           # (e^{eta r} - phi) / Z
     seq = mask.nonzero()[:, 0]                                         # (N,) sequence of each token
+    phi = torch.as_tensor(phi, dtype=dt, device=x1.device)
+    phi = phi[mask] if phi.dim() == 2 else phi[seq] if phi.dim() == 1 else phi   # each token's coefficient
+    w_ce = phi * torch.exp(log_inv_Z)[seq]                             # phi / Z
+    w_nll = torch.exp(er + log_inv_Z)[seq] - w_ce                      # (e^{eta r} - phi) / Z
     logp = F.log_softmax(logits.to(dt), dim=-1)                       # (N, V)
     nll = -logp.gather(1, x1[mask][:, None])[:, 0]                     # (N,) -log p_theta(x1^i)
-    loss = w_nll[seq] * nll                                            # the reward-weighted NLL
+    loss = w_nll * nll                                                 # the reward-weighted NLL
     if teacher_logits is not None:
         p_a = F.softmax(teacher_logits.to(dt), dim=-1)
         teacher_ce = -(p_a * logp).sum(-1)                              # (N,) CE(p_a, p_theta)
-        loss = loss + w_ce[seq] * teacher_ce
+        loss = loss + w_ce * teacher_ce
     if per_sequence:
         return torch.zeros(B, dtype=dt, device=x1.device).index_add(0, seq, time_weight[seq] * loss)
     return (time_weight[seq] * loss).sum() / B

@@ -10,6 +10,7 @@ the loop itself is not copied here.
     python -m maze.experiments run --states path --out runs/path        # the sampler's own states
     python -m maze.experiments sweep --a_max 2 --out runs/sweep --figures figures   # paper Fig. 2/5
     python -m maze.experiments budget --out runs/budget --end_rollouts_per_prompt 16 --held_out_per_prompt 64
+    python -m maze.experiments noise --out runs/noise                    # eq. 17's coefficients' gradient noise
     python -m maze.experiments bench                                     # a DTM step against an ELBO step
     python -m maze.experiments run --help                                # every flag (dtm.py's too)
 """
@@ -30,9 +31,10 @@ import dtm                                                                      
 from dtm import dtm_loss, group_log_mean_exp                                                   # noqa: E402
 from maze import env, exact                                                                    # noqa: E402
 from maze.figures import plot_budget, plot_sweep, rollouts_file                                # noqa: E402
-from maze.mdm import PROMPT_LEN, CheckpointError, elbo_loss, load, mask_along_path, mask_completions  # noqa: E402
+from maze.mdm import (PROMPT_LEN, CheckpointError, draw, elbo_loss, load, mask_along_path,              # noqa: E402
+                      mask_completions)
 
-NAMES = ("run", "sweep", "budget", "bench")
+NAMES = ("run", "sweep", "budget", "noise", "bench")
 
 
 def shuffled(r, generator):
@@ -68,6 +70,7 @@ class Variant(dtm.Paper):
 
     def states(self, x1, rank, gen, L):
         a = self.args
+        x1 = x1.repeat(a.maskings, 1)                                  # --maskings: each rollout k times
         if a.states == "path":                                         # the sampler's own states, and the
             x_t, mask, S = mask_along_path(x1, rank, gen)              # tokens it drew from them
             return x_t, mask, S.float() / L                            # S steps: the path's NLL / L
@@ -78,6 +81,7 @@ class Variant(dtm.Paper):
 
     def loss(self, logits, teacher_logits, x1, mask, r, tw, eta, group, r_buf):
         a = self.args
+        x1, r, group = x1.repeat(a.maskings, 1), r.repeat(a.maskings), group.repeat(a.maskings)   # as states()
         if a.weighting == "released":                                  # their code: r clipped at 0, no Z
             return dtm_loss(logits, teacher_logits, x1, mask, r.clamp_min(0), tw, eta, a.phi,
                             log_Z=torch.zeros_like(r))
@@ -236,7 +240,11 @@ def sweep(args):
 BUDGET = [("c1", {}), ("c1avg", dict(average=0.5)),
           ("c4", dict(batch=256, rollouts_per_prompt=64, refresh_every=10 ** 6)),
           ("c4avg", dict(batch=256, rollouts_per_prompt=64, refresh_every=10 ** 6, average=0.5)),
+          ("c4k4", dict(maskings=4, rollouts_per_prompt=64, refresh_every=10 ** 6)),   # c4's compute and buffer, 64
+          # rollouts x 4 maskings per step instead of 256 x 1 (--maskings); c16avg_k4 the same for c16avg
           ("c16avg", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=256, refresh_every=10 ** 6, average=0.5)),
+          ("c16avg_k4", dict(maskings=4, steps_per_phase=200, rollouts_per_prompt=256, refresh_every=10 ** 6,
+                             average=0.5)),
           ("c16avg_m64", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=64, refresh_every=10 ** 6,
                               average=0.5)),
           ("c16avg_m1024", dict(batch=256, steps_per_phase=200, rollouts_per_prompt=1024, refresh_every=10 ** 6,
@@ -263,26 +271,113 @@ def budget(args):
                     history = json.load(f)
             h = history[1] if len(history) == 2 else run(sub)[1]
             most = h["max_gain"] if h["max_gain"] > 0 else math.nan        # 0: every reward equal, no tilt
-            rows.append(dict(name=name, seed=seed, compute=sub.batch * sub.steps_per_phase / (64 * 50),
+            rows.append(dict(name=name, seed=seed, compute=sub.batch * sub.maskings * sub.steps_per_phase / (64 * 50),
                              relative=h["held_out_change"] / most, relative_se=h["held_out_change_se"] / most,
-                             buffer=sub.rollouts_per_prompt, **{k: h[k] for k in (
+                             buffer=sub.rollouts_per_prompt, maskings=sub.maskings, **{k: h[k] for k in (
                                  "held_out_change", "held_out_change_se", "max_gain", "realised_validity",
                                  "realised_validity_se", "realised_reward", "train_s")}))
             tqdm.write(f"budget: {name} seed {seed}: held-out change {h['held_out_change']:.2e} ± "
                        f"{h['held_out_change_se']:.1e}, most -{h['max_gain']:.1e}")
-    lines = ["| config | compute | buffer / prompt | seeds | held-out change (mean ± SE over seeds) | "
-             "over the most | realised validity | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | compute | buffer / prompt | maskings | seeds | held-out change (mean ± SE over seeds) | "
+             "over the most | realised validity | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in rows):
         g = [r for r in rows if r["name"] == name]
         d = np.array([r["held_out_change"] for r in g])
         se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else g[0]["held_out_change_se"]
-        lines.append(f"| {name} | {g[0]['compute']:g}x | {g[0]['buffer']} | {len(g)} | {d.mean():.2e} ± {se:.1e} | "
+        lines.append(f"| {name} | {g[0]['compute']:g}x | {g[0]['buffer']} | {g[0]['maskings']} | {len(g)} | "
+                     f"{d.mean():.2e} ± {se:.1e} | "
                      f"{np.mean([r['relative'] for r in g]):+.2f} | "
                      f"{np.mean([r['realised_validity'] for r in g]):.2f} | {np.mean([r['train_s'] for r in g]):.0f} |")
     save_table(args.out, "budget", rows, lines)
     plot_budget(rows, f"one phase from the base, eta = {args.eta:g} (each point a seed)",
                 os.path.join(args.figures, f"budget_eta{args.eta:g}.png"))
     return rows
+
+
+# ----------------------------------------------------------------------------- the control variates' noise
+@torch.no_grad()
+def complete(model, x_t, temperature=1.0, generator=None):
+    """Finish masked states x_t (B, T) with the model, one masked position at a time in a uniformly random
+    order: the sampler's law (maze.mdm.sample, order "random") given that it reached x_t."""
+    x = x_t.clone()
+    while True:
+        todo = (x == env.MASK).any(1).nonzero()[:, 0]                  # the rows still masked
+        if len(todo) == 0:
+            return x
+        y = x[todo]
+        score = torch.rand(y.shape, generator=generator, device=y.device).masked_fill(y != env.MASK, -1.0)
+        reveal = torch.zeros_like(y, dtype=torch.bool).scatter_(1, score.argmax(1, keepdim=True), True)
+        y[reveal] = draw(model(y, reveal), temperature, generator)
+        x[todo] = y
+
+
+def state_coefficients(p_a, mask, x1k, e):
+    """Two coefficients of eq. 17 that are functions of x_t, from K teacher completions x1^(k) (K, B, T) of
+    each state x_t (drawn independently of the trained x1 given x_t, as eq. 15 needs), e (K, B) their
+    e^{eta (r + c)}, and the teacher's p_a(. | x_t, i) (N, V) at the N True entries of mask (B, T):
+      phi(x_t) = mean_k e_k,                           the state baseline E_a[e^{eta r} | x_t], (B,);
+      phi_i(x_t) = sum_k e_k |u_ik|^2 / sum_k |u_ik|^2, per position, (B, T) (1 off the mask), where
+                   u_ik = p_a(. | x_t, i) - 1{x1^(k)_i}: at the teacher a token's logit gradient is
+                   (e^{eta r} - phi_i) u_i / Z, and this phi_i minimises its variance given x_t."""
+    hit = p_a.gather(1, x1k[:, mask].T).T                              # (K, N) p_a(x1^(k)_i | x_t, i)
+    u2 = (p_a ** 2).sum(-1) - 2 * hit + 1                              # (K, N) |u_ik|^2
+    e_tok = e[:, mask.nonzero()[:, 0]]                                 # (K, N) e_k of each token's state
+    phi_i = torch.ones(mask.shape, dtype=p_a.dtype, device=p_a.device)
+    phi_i[mask] = (e_tok * u2).sum(0) / u2.sum(0)
+    return e.mean(0), phi_i
+
+
+def noise(args):
+    """The per-batch gradient noise of the first phase's loss at the teacher (the base) for eq. 17's
+    coefficients: the paper's phi = 1, the state baseline and the per-position phi_i (`state_coefficients`,
+    from --completions teacher completions of each state), and halfway blends of each with 1. Every
+    coefficient sees the same --noise_batches minibatches (stratified from a buffer of --rollouts_per_prompt
+    reference rollouts per prompt, masked once), so the comparison is paired. Noise: E|g - g_mean|^2 over the batches (unbiased), the quantity that sets SGD's
+    stationary excess loss, lr / (1 - momentum) E|g - g_mean|^2 / 4. Writes OUT/noise.json and OUT/noise.md."""
+    torch.manual_seed(args.seed)
+    gen, pick = torch.Generator(args.device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    ref_x, ref_r, _ = exact.base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    P, M, K = len(prompts), args.rollouts_per_prompt, args.completions
+    keep = torch.stack([torch.randperm(ref_x.shape[1], generator=pick)[:M] for _ in range(P)])
+    x1_buf = dtm.with_prompts(prompts, ref_x)[torch.arange(P)[:, None], keep]
+    r_buf = torch.as_tensor(ref_r, dtype=torch.float32)[torch.arange(P)[:, None], keep]
+    model = load(args.base, args.device)[0]
+    L = model.cfg.gen_len
+    names = ["phi = 1 (the paper's)", "phi = E_a[e^{eta r} | x_t]", "phi = (1 + E_a[e^{eta r} | x_t]) / 2",
+             "phi_i(x_t), per position", "phi = (1 + phi_i(x_t)) / 2"]
+    grads = {n: [] for n in names}
+    for _ in tqdm(range(args.noise_batches), desc="noise", disable=None):
+        rows, j = dtm.stratified(P, M, args.batch, pick)
+        x1, r = x1_buf[rows, j].flatten(0, 1).to(args.device), r_buf[rows, j].flatten().to(args.device)
+        x_t, mask, hazard = mask_completions(x1, gen)
+        with torch.no_grad():
+            teacher_logits = model(x_t, mask)
+        x1k = complete(model, x_t.repeat(K, 1), args.temperature, gen)      # K completions of each state
+        valid, rk, _ = env.score(wall, x1k[:, PROMPT_LEN:].cpu().numpy(), x1k[:, :2].cpu().numpy())
+        e = torch.exp(args.eta * torch.as_tensor(np.where(valid, rk, args.invalid_reward) + args.r_offset))
+        phi_s, phi_i = state_coefficients(torch.softmax(teacher_logits.double(), -1), mask,
+                                          x1k.view(K, *x1.shape), e.view(K, -1).to(args.device))
+        for n, phi in zip(names, [1.0, phi_s, (1 + phi_s) / 2, phi_i, (1 + phi_i) / 2]):
+            loss = dtm_loss(model(x_t, mask), teacher_logits, x1, mask, r + args.r_offset, hazard / L, args.eta,
+                            phi, rows.flatten().to(args.device))
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            grads[n].append(torch.cat([q.grad.flatten() for q in model.parameters()]).double().cpu())
+    out = []
+    for n in names:
+        g = torch.stack(grads[n])
+        dev2 = ((g - g.mean(0)) ** 2).sum(1) * len(g) / (len(g) - 1)    # unbiased per-batch |g - g_mean|^2
+        out.append(dict(coefficient=n, noise=dev2.mean().item(), noise_se=(dev2.std() / math.sqrt(len(g))).item(),
+                        mean_sq_norm=(g ** 2).sum(1).mean().item(), batches=len(g)))
+    lines = ["| coefficient (eq. 17) | per-batch gradient noise E\\|g - g_mean\\|^2 | over phi = 1's | E\\|g\\|^2 |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['coefficient'].replace('|', chr(92) + '|')} | {r['noise']:.3g} ± {r['noise_se']:.1g} | "
+              f"{r['noise'] / out[0]['noise']:.2f} | {r['mean_sq_norm']:.3g} |" for r in out]
+    os.makedirs(args.out, exist_ok=True)
+    save_table(args.out, "noise", out, lines)
+    return out
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -332,7 +427,8 @@ def parser():
     p = dtm.parser()
     p.prog = "python -m maze.experiments"
     p.description = ("maze/FINDINGS.md's experiments: NAME is run (dtm.py's loop with the variants below), sweep "
-                     "(paper Fig. 2/5) or bench.\nEvery dtm.py flag works here too.")
+                     "(paper Fig. 2/5), budget (a phase's health check against its compute), noise (eq. 17's "
+                     "coefficients'\ngradient noise at the teacher) or bench. Every dtm.py flag works here too.")
     p.add_argument("name", choices=NAMES, help="what to run")
     g = p.add_argument_group("variants of the loop (maze/FINDINGS.md)")
     g.add_argument("--control", action="store_true", help="eta ~ 0 (1e-6) in the loss: the same run, no tilt")
@@ -359,6 +455,8 @@ def parser():
     g.add_argument("--average", type=float, default=0.0, help="iterate averaging: the mean of the iterates of "
                                                                "this last fraction of each phase becomes the "
                                                                "model; 0: off")
+    g.add_argument("--maskings", type=int, default=1, help="masks of each of a step's --batch rollouts: "
+                                                           "k x the sequences per step, the same rollouts")
     g.add_argument("--order", choices=["random", "confidence"], default="random",
                    help="unmasking order: random is the CTMC; confidence is more valid, far less diverse")
     g.add_argument("--sample_steps", type=int, help="sampler steps (default: one per token)")
@@ -366,6 +464,9 @@ def parser():
     g.add_argument("--budget", nargs="+", choices=[c[0] for c in BUDGET], default=[c[0] for c in BUDGET],
                    help="configs (maze.experiments.BUDGET)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="a run of each config per seed")
+    g = p.add_argument_group("noise")
+    g.add_argument("--noise_batches", type=int, default=16, help="minibatches at the teacher, each coefficient")
+    g.add_argument("--completions", type=int, default=8, help="teacher completions of each state for phi(x_t)")
     g = p.add_argument_group("sweep")
     g.add_argument("--sweep_etas", type=float, nargs="+", default=[2.0, 1.0, 0.5, 0.25, 0.1], help="etas")
     g.add_argument("--sweep_steps", type=int, default=300, help="optimiser steps per run, in all")
@@ -377,6 +478,10 @@ def parse(argv=None):
     args = dtm.parse(argv, p)
     if not 0 <= args.ema < 1:
         p.error(f"--ema must be in [0, 1) (got {args.ema})")
+    if args.maskings < 1 or (args.maskings > 1 and args.states == "path"):
+        p.error(f"--maskings must be >= 1, and 1 with --states path (got {args.maskings})")
+    if args.noise_batches < 2 or args.completions < 1:
+        p.error(f"--noise_batches must be >= 2 and --completions >= 1 (got {args.noise_batches}, {args.completions})")
     if not 0 <= args.average <= 1 or (args.average and args.ema):
         p.error(f"--average must be in [0, 1], and not with --ema (got {args.average})")
     return args
@@ -392,6 +497,8 @@ def main(argv=None):
             return sweep(args)
         if args.name == "budget":
             return budget(args)
+        if args.name == "noise":
+            return noise(args)
         history = run(args)
     except CheckpointError as e:
         sys.exit(f"error: {e}")

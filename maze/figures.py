@@ -151,16 +151,19 @@ def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, 
 
 def plot_budget(rows, title, png):
     """`python -m maze.experiments budget`: each seed's held-out change over the most a phase can gain
-    (left) and realised fraction of validity (right) against the phase's compute, one colour per buffer size."""
+    (left) and realised fraction of validity (right) against the phase's compute, one colour per buffer size,
+    hollow markers for several maskings per rollout."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     buffers = sorted({r["buffer"] for r in rows})
+    kinds = {(False, False): ("x", "last iterate"), (True, False): ("o", "mean of the last half's iterates"),
+             (False, True): ("^", "several maskings per rollout"), (True, True): ("s", "several maskings, mean")}
     for r in rows:
-        c = f"C{buffers.index(r['buffer'])}"
-        x = r["compute"] * (1.06 if "avg" in r["name"] else 0.94)             # averaged iterates: to the right
-        marker = "o" if "avg" in r["name"] else "x"
-        axes[0].errorbar(x, r["relative"], r["relative_se"], fmt=marker, color=c, capsize=2)
-        axes[1].errorbar(x, r["realised_validity"], r["realised_validity_se"], fmt=marker, color=c, capsize=2)
+        c, kind = f"C{buffers.index(r['buffer'])}", ("avg" in r["name"], r.get("maskings", 1) > 1)
+        x = r["compute"] * (1.06 if kind[0] else 0.94) * (1.12 if kind[1] else 1)   # averaged, maskings: right
+        for ax, y, se in ((axes[0], r["relative"], r["relative_se"]),
+                          (axes[1], r["realised_validity"], r["realised_validity_se"])):
+            ax.errorbar(x, y, se, fmt=kinds[kind][0], color=c, capsize=2, mfc="none" if kind[1] else c)
     for ax, ylabel in zip(axes, ["held-out change / most it can gain", "realised fraction (validity)"]):
         ax.set_xscale("log")
         ticks = sorted({r["compute"] for r in rows})
@@ -172,10 +175,11 @@ def plot_budget(rows, title, png):
     axes[0].axhline(-1, color="k", ls="--", lw=0.8)
     axes[0].text(0.02, 0.04, "-1: the phase's minimiser; above 0: it fitted noise", transform=axes[0].transAxes,
                  fontsize=8)
-    handles = [plt.Line2D([], [], color=f"C{i}", marker="s", ls="", label=f"buffer {b} / prompt")
+    handles = [plt.Line2D([], [], color=f"C{i}", lw=4, label=f"buffer {b} / prompt")
                for i, b in enumerate(buffers)]
-    handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=lab) for m, lab in
-                (("x", "last iterate"), ("o", "mean of the last half's iterates"))]
+    seen = {("avg" in r["name"], r.get("maskings", 1) > 1) for r in rows}
+    handles += [plt.Line2D([], [], color="k", marker=m, ls="", mfc="none" if key[1] else "k", label=lab)
+                for key, (m, lab) in kinds.items() if key in seen]
     axes[1].legend(handles=handles, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

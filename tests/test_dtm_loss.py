@@ -66,12 +66,16 @@ def batch_of_all_states(seqs, p_a, patterns):
     return x1, mask, x_t, state, prob * len(x1)
 
 
-@pytest.mark.parametrize("phi", [0.0, 1.0])
+@pytest.mark.parametrize("phi", [0.0, 1.0, "per position"])
 def test_minimising_expected_dtm_loss_over_free_logits_recovers_tilted_posterior(phi):
-    """Prop. 3.2: free logits per (x_t, i) that minimise E_a[dtm_loss] are log p_{a+eta}(. | x_t, i)."""
+    """Prop. 3.2: free logits per (x_t, i) that minimise E_a[dtm_loss] are log p_{a+eta}(. | x_t, i);
+    "per position": also with a coefficient phi_i(x_t) of its own at every (x_t, i), in (0, 1.5) (eq. 15)."""
     seqs, p_a, r, patterns = toy(1)
     eta = 1.0
     x1, mask, x_t, state, tw = batch_of_all_states(seqs, p_a, patterns)
+    if phi == "per position":                    # a function of x_t and i only: the same for every x1 behind x_t
+        phi = (torch.rand((V + 1) ** L, L, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+               * 1.5)[state]
     r_b = r.repeat_interleave(len(patterns))
     n_states = (V + 1) ** L
     # the teacher's exact posterior at every masked position of every x_t, as logits
@@ -157,6 +161,28 @@ def grad_of_loss(eta, phi, teacher_offset=0.0):
     student = logits.clone().requires_grad_(True)
     dtm_loss(student, logits + teacher_offset, x1, mask, reward, tw, eta, phi, group).backward()
     return student.grad
+
+
+def test_a_per_position_phi_weights_each_token_with_its_own_coefficient():
+    """phi (B, T): token i's NLL weight is (e^{eta r} - phi_i) / Z and its distillation weight phi_i / Z;
+    a phi constant along each row is the per-sequence phi."""
+    g = torch.Generator().manual_seed(0)
+    B, T, eta = 4, 5, 0.7
+    x1 = torch.randint(V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    N = int(mask.sum())
+    logits, teacher = torch.randn(N, V, generator=g), torch.randn(N, V, generator=g)
+    r, tw, phi = torch.randn(B, generator=g), torch.rand(B, generator=g), torch.rand(B, T, generator=g) * 1.5
+    seq = mask.nonzero()[:, 0]
+    Z = torch.exp(eta * r).mean()
+    logp = torch.log_softmax(logits, -1)
+    nll = -logp.gather(1, x1[mask][:, None])[:, 0]
+    ce = -(torch.softmax(teacher, -1) * logp).sum(-1)
+    hand = (tw[seq] * ((torch.exp(eta * r[seq]) - phi[mask]) / Z * nll + phi[mask] / Z * ce)).sum() / B
+    torch.testing.assert_close(dtm_loss(logits, teacher, x1, mask, r, tw, eta, phi), hand, rtol=1e-6, atol=0)
+    row = phi[:, :1].expand(B, T).contiguous()
+    assert dtm_loss(logits, teacher, x1, mask, r, tw, eta, row) == dtm_loss(logits, teacher, x1, mask, r, tw, eta,
+                                                                            phi[:, 0])
 
 
 def test_phi1_eta0_gradient_is_zero_at_teacher():

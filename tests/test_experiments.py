@@ -8,7 +8,7 @@ import torch
 
 import dtm
 from maze import env, exact, experiments
-from maze.mdm import load, sample
+from maze.mdm import load, mask_completions, sample
 from test_dtm_cli import FAST, TINY
 
 
@@ -198,3 +198,66 @@ def test_the_health_check_does_not_change_the_training(tiny_base, tmp_path):
                                       "--r_offset", "0.5"]))             # c = 0.5: it moves
         final.append(load(os.path.join(out, "state.pt"))[0].state_dict())
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_maskings_mask_each_rollout_k_times_and_train_on_every_copy(tiny_base):
+    """--maskings 3: a step's rollouts are masked 3 times each, independently, and the loss is the mean over
+    the copies (dtm_loss of the rollouts repeated); the budget counts them as 3x the sequences."""
+    args = parse(["--maskings", "3", "--base", tiny_base])
+    v = experiments.Variant(args)
+    x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], torch.randint(5, (2, 2, 64))).flatten(0, 1)
+    x_t, mask, tw = v.states(x1, None, torch.Generator().manual_seed(0), 64)
+    assert x_t.shape == (12, 67) and torch.equal(torch.where(mask, x1.repeat(3, 1), x_t), x1.repeat(3, 1))
+    assert not torch.equal(mask[:4], mask[4:8])                               # masked afresh each time
+    logits, teacher = torch.randn(int(mask.sum()), 9), torch.randn(int(mask.sum()), 9)
+    r, group = torch.tensor([0.0, 1.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 1])
+    loss = v.loss(logits, teacher, x1, mask, r, tw, 0.1, group, None)
+    assert loss == dtm.dtm_loss(logits, teacher, x1.repeat(3, 1), mask, r.repeat(3) + args.r_offset, tw, 0.1, 1.0,
+                                group.repeat(3))
+    assert dict(experiments.BUDGET)["c4k4"]["maskings"] == 4
+
+
+@pytest.mark.parametrize("flags, message", [(["--maskings", "0"], "--maskings must be >= 1"),
+                                           (["--maskings", "2", "--states", "path"], "--maskings must be >= 1"),
+                                           (["--noise_batches", "1"], "--noise_batches must be >= 2")])
+def test_maskings_and_the_noise_study_refuse_bad_counts_in_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_complete_fills_every_masked_position_and_keeps_every_revealed_one(tiny_base):
+    model = load(tiny_base)[0]
+    x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], sample(model, env.make_prompts(env.make_maze())[:2],
+                                                                        steps=4)[:, None])[:, 0]
+    x_t, mask, _ = mask_completions(x1.repeat(3, 1), torch.Generator().manual_seed(1))
+    x = experiments.complete(model, x_t, generator=torch.Generator().manual_seed(2))
+    assert not (x == env.MASK).any() and torch.equal(x[~mask], x_t[~mask])
+    assert torch.equal(experiments.complete(model, x1), x1)                   # nothing masked: nothing to do
+
+
+def test_the_per_position_coefficient_is_the_u_squared_weighted_mean_of_e_to_the_eta_r():
+    """One masked position, p_a = (0.75, 0.25), two completions with tokens 0 and 1 and e = 1 and 2:
+    |u|^2 = 0.125 and 1.125, so phi_i = (1 * 0.125 + 2 * 1.125) / 1.25 = 1.9; the state baseline is 1.5."""
+    mask = torch.tensor([[False, True]])
+    x1k = torch.tensor([[[1, 0]], [[1, 1]]])                                  # (K = 2, B = 1, T = 2)
+    phi, phi_i = experiments.state_coefficients(torch.tensor([[0.75, 0.25]], dtype=torch.float64), mask, x1k,
+                                                torch.tensor([[1.0], [2.0]], dtype=torch.float64))
+    torch.testing.assert_close(phi, torch.tensor([1.5], dtype=torch.float64))
+    torch.testing.assert_close(phi_i, torch.tensor([[1.0, 1.9]], dtype=torch.float64))
+
+
+def test_noise_with_equal_rewards_the_state_coefficients_cancel_the_gradient_at_the_teacher(tiny_base, tmp_path):
+    """Every rollout of the random tiny base is invalid, so r + c = -0.5 for all (c = 0.5): the state
+    coefficients are e^{-0.05} exactly, the NLL weights (e^{eta (r + c)} - phi) / Z vanish, and at the teacher
+    the distillation gradient is 0 (to float32 round-off); phi = 1 leaves the NLL weight e^{-0.05} - 1, a gradient
+    that varies, and the halfway blends half of it, so a quarter of its noise."""
+    rows = experiments.main(["noise"] + TINY + FAST + ["--base", tiny_base, "--out", str(tmp_path), "--r_offset", "0.5",
+                                                    "--noise_batches", "3", "--completions", "2"])
+    noise = {r["coefficient"]: r["noise"] for r in rows}
+    one = noise["phi = 1 (the paper's)"]
+    assert one > 1e-4
+    assert noise["phi = E_a[e^{eta r} | x_t]"] < 1e-12 and noise["phi_i(x_t), per position"] < 1e-12
+    for blend in ("phi = (1 + E_a[e^{eta r} | x_t]) / 2", "phi = (1 + phi_i(x_t)) / 2"):
+        assert noise[blend] == pytest.approx(one / 4, rel=1e-4)
+    assert os.path.isfile(os.path.join(tmp_path, "noise.md"))
