@@ -202,7 +202,7 @@ def test_the_health_check_does_not_change_the_training(tiny_base, tmp_path):
 
 def test_maskings_mask_each_rollout_k_times_and_train_on_every_copy(tiny_base):
     """--maskings 3: a step's rollouts are masked 3 times each, independently, and the loss is the mean over
-    the copies (dtm_loss of the rollouts repeated); the budget counts them as 3x the sequences."""
+    the copies (dtm_loss of the rollouts repeated); c4k4 is c4's compute as 4 maskings of 64 rollouts."""
     args = parse(["--maskings", "3", "--base", tiny_base])
     v = experiments.Variant(args)
     x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], torch.randint(5, (2, 2, 64))).flatten(0, 1)
@@ -214,7 +214,8 @@ def test_maskings_mask_each_rollout_k_times_and_train_on_every_copy(tiny_base):
     loss = v.loss(logits, teacher, x1, mask, r, tw, 0.1, group, None)
     assert loss == dtm.dtm_loss(logits, teacher, x1.repeat(3, 1), mask, r.repeat(3) + args.r_offset, tw, 0.1, 1.0,
                                 group.repeat(3))
-    assert dict(experiments.BUDGET)["c4k4"]["maskings"] == 4
+    c4, c4k4 = dict(experiments.BUDGET)["c4"], dict(experiments.BUDGET)["c4k4"]
+    assert c4["batch"] == c4k4["maskings"] * args.batch and c4["rollouts_per_prompt"] == c4k4["rollouts_per_prompt"]
 
 
 @pytest.mark.parametrize("flags, message", [(["--maskings", "0"], "--maskings must be >= 1"),
@@ -227,9 +228,8 @@ def test_maskings_and_the_noise_study_refuse_bad_counts_in_one_line(flags, messa
 
 
 def test_complete_fills_every_masked_position_and_keeps_every_revealed_one(tiny_base):
-    model = load(tiny_base)[0]
-    x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], sample(model, env.make_prompts(env.make_maze())[:2],
-                                                                        steps=4)[:, None])[:, 0]
+    model, prompts = load(tiny_base)[0], env.make_prompts(env.make_maze())[:2]
+    x1 = dtm.with_prompts(prompts, sample(model, prompts, steps=4)[:, None])[:, 0]       # (2, 67) rollouts
     x_t, mask, _ = mask_completions(x1.repeat(3, 1), torch.Generator().manual_seed(1))
     x = experiments.complete(model, x_t, generator=torch.Generator().manual_seed(2))
     assert not (x == env.MASK).any() and torch.equal(x[~mask], x_t[~mask])
