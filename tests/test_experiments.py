@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dtm
-from maze import env, exact, experiments
+from maze import env, exact, experiments, noise
 from maze.mdm import load, mask_completions, sample
 from test_dtm_cli import FAST, TINY
 
@@ -231,9 +231,9 @@ def test_complete_fills_every_masked_position_and_keeps_every_revealed_one(tiny_
     model, prompts = load(tiny_base)[0], env.make_prompts(env.make_maze())[:2]
     x1 = dtm.with_prompts(prompts, sample(model, prompts, steps=4)[:, None])[:, 0]       # (2, 67) rollouts
     x_t, mask, _ = mask_completions(x1.repeat(3, 1), torch.Generator().manual_seed(1))
-    x = experiments.complete(model, x_t, generator=torch.Generator().manual_seed(2))
+    x = noise.complete(model, x_t, generator=torch.Generator().manual_seed(2))
     assert not (x == env.MASK).any() and torch.equal(x[~mask], x_t[~mask])
-    assert torch.equal(experiments.complete(model, x1), x1)                   # nothing masked: nothing to do
+    assert torch.equal(noise.complete(model, x1), x1)                   # nothing masked: nothing to do
 
 
 def test_the_per_position_coefficient_is_the_u_squared_weighted_mean_of_e_to_the_eta_r():
@@ -241,7 +241,7 @@ def test_the_per_position_coefficient_is_the_u_squared_weighted_mean_of_e_to_the
     |u|^2 = 0.125 and 1.125, so phi_i = (1 * 0.125 + 2 * 1.125) / 1.25 = 1.9; the state baseline is 1.5."""
     mask = torch.tensor([[False, True]])
     x1k = torch.tensor([[[1, 0]], [[1, 1]]])                                  # (K = 2, B = 1, T = 2)
-    phi, phi_i = experiments.state_coefficients(torch.tensor([[0.75, 0.25]], dtype=torch.float64), mask, x1k,
+    phi, phi_i = noise.state_coefficients(torch.tensor([[0.75, 0.25]], dtype=torch.float64), mask, x1k,
                                                 torch.tensor([[1.0], [2.0]], dtype=torch.float64))
     torch.testing.assert_close(phi, torch.tensor([1.5], dtype=torch.float64))
     torch.testing.assert_close(phi_i, torch.tensor([[1.0, 1.9]], dtype=torch.float64))
@@ -254,10 +254,10 @@ def test_noise_with_equal_rewards_the_state_coefficients_cancel_the_gradient_at_
     that varies, and the halfway blends half of it, so a quarter of its noise."""
     rows = experiments.main(["noise"] + TINY + FAST + ["--base", tiny_base, "--out", str(tmp_path), "--r_offset", "0.5",
                                                     "--noise_batches", "3", "--completions", "2"])
-    noise = {r["coefficient"]: r["noise"] for r in rows}
-    one = noise["phi = 1 (the paper's)"]
+    of = {r["coefficient"]: r["noise"] for r in rows}
+    one = of["phi = 1 (the paper's)"]
     assert one > 1e-4
-    assert noise["phi = E_a[e^{eta r} | x_t]"] < 1e-12 and noise["phi_i(x_t), per position"] < 1e-12
+    assert of["phi = E_a[e^{eta r} | x_t]"] < 1e-12 and of["phi_i(x_t), per position"] < 1e-12
     for blend in ("phi = (1 + E_a[e^{eta r} | x_t]) / 2", "phi = (1 + phi_i(x_t)) / 2"):
-        assert noise[blend] == pytest.approx(one / 4, rel=1e-4)
+        assert of[blend] == pytest.approx(one / 4, rel=1e-4)
     assert os.path.isfile(os.path.join(tmp_path, "noise.md"))
