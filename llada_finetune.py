@@ -35,7 +35,7 @@ from llada.grpo import GRPOTrainer
 from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
                          load_tokenizer, random_model)
-from llada.presets import D1, FALLBACK, PRESETS, RELEASED, TINY
+from llada.presets import D1, ELICIT, FALLBACK, PRESETS, RELEASED, TINY
 from llada.protocols import PROTOCOLS, evaluate, run_eval
 from llada.tasks import task_data
 from maze.mdm import Help
@@ -256,10 +256,19 @@ class Trainer:
             r = r[torch.randperm(len(r), generator=self.control_gen, device=self.device)]
         group = self.buffer["idx"] if a.z == "prompt" else None
         log_Z = torch.zeros_like(r) if released else group_log_mean_exp(eta * r.double(), group)
+        if a.minibatch == "tilted":
+            # Draw the rows with probability q_b = (e^{eta r_b} / Z_b) / B, the tilted buffer (eq. 11-12), and
+            # weight each by 1 / (B q_b): its log Z becomes eta r_b, so its NLL weight is 1 - phi e^{-eta r_b}
+            # and its teacher weight phi e^{-eta r_b}. The expected loss is the uniform draw's (eq. 16, the
+            # same minimiser); at large eta it no longer spends the batch on rows of weight ~0.
+            tilted = torch.exp(eta * r.double() - log_Z)
+            log_Z = eta * r.double()
         micro = a.micro_batch or a.batch
         total = 0.0
         for j in range(0, a.batch, micro):
-            rows = torch.randint(len(r), (min(micro, a.batch - j),), generator=self.gen, device=self.device)
+            n = min(micro, a.batch - j)
+            rows = torch.multinomial(tilted, n, replacement=True, generator=self.gen) if a.minibatch == "tilted" \
+                else torch.randint(len(r), (n,), generator=self.gen, device=self.device)
             loss = self.loss(rows, eta, log_Z, r) * len(rows) / a.batch    # gradient accumulation
             loss.backward()
             total += loss.item()
@@ -447,11 +456,12 @@ def batch_or_auto(text):
 
 def parser():
     presets = "\n".join(f"  {name} {t:9s} " + " ".join(f"{k}={v}" for k, v in d.items())
-                        for name, table in (("paper   ", PRESETS), ("released", RELEASED), ("tiny    ", TINY))
+                        for name, table in (("paper   ", PRESETS), ("released", RELEASED), ("tiny    ", TINY),
+                                            ("elicit  ", ELICIT))
                         for t, d in table.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
                                 epilog="presets (--preset paper: App. D.2; released: the authors' configs; tiny: a small "
-                                       "LLaDA from llada.sft on 2 CPU cores; a flag overrides its value; "
+                                       "LLaDA from llada.sft on 2 CPU cores; elicit: the one made with --mix; a flag overrides its value; "
                                        "what no preset sets: " + " ".join(f"{k}={v}" for k, v in FALLBACK.items())
                                        + "):\n" + presets)
     p.add_argument("--model_dir", help="LLaDA checkpoint: config.json, tokenizer.json, safetensors")
@@ -481,9 +491,10 @@ def parser():
     p.add_argument("--eval_batch", type=int, help="prompts per sampling batch (default: 8)")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")
     g = p.add_argument_group("DTM (a flag with no default shown takes the task's preset: the epilog)")
-    g.add_argument("--preset", choices=["paper", "released", "tiny"], default="paper",
+    g.add_argument("--preset", choices=["paper", "released", "tiny", "elicit"], default="paper",
                    help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs; "
-                        "tiny: Sudoku on a small LLaDA made by python -m llada.sft, 2 CPU cores")
+                        "tiny: Sudoku on a small LLaDA made by python -m llada.sft, 2 CPU cores; elicit: tiny's "
+                        "sizes for the base of python -m llada.sft --mix 0.5 (temperature-1 rollouts, eta 10)")
     g.add_argument("--weighting", choices=["paper", "released"],
                    help="paper: hazard time weight, Z per prompt, r shifted by the buffer's minimum; released: "
                         "1/n over the counted masks, raw e^{eta r}, r clipped at 0 (default: paper)")
@@ -515,6 +526,10 @@ def parser():
                    help="the loss's forward process: sar, one active block as the sampler sees it (App. C, "
                         "eq. 34); any_order, every completion token masked with probability 1 - t (eq. 9; "
                         "the ablation of App. D.3)")
+    g.add_argument("--minibatch", choices=["uniform", "tilted"],
+                   help="how a step draws its rows from the buffer: uniform (the paper); tilted, with probability "
+                        "e^{eta r}/Z each, importance-weighted back (the same expected loss; at large eta "
+                        "the batch is not spent on rows of weight ~0) (default: uniform)")
     g.add_argument("--control", action="store_true",
                    help="the no-tilt control: every step, the rewards are shuffled over the buffer (by a "
                         "generator of their own) before the weights, so they carry no signal and the rest "
@@ -560,7 +575,7 @@ def parser():
 def parse(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    table = dict(paper=PRESETS, released=RELEASED, tiny=TINY)[args.preset]
+    table = dict(paper=PRESETS, released=RELEASED, tiny=TINY, elicit=ELICIT)[args.preset]
     if args.task not in table:
         p.error(f"--preset {args.preset}: there is a config for {' and '.join(table)} only")
     d1 = D1[args.preset] if args.method == "grpo" else {}
@@ -578,7 +593,9 @@ def parse(argv=None):
         (not args.bench_shape and not args.model_dir, "--model_dir is required (except with --bench_shape)"),
         (args.model_dir and not os.path.isdir(args.model_dir), f"--model_dir {args.model_dir} is not a directory"),
         (args.method == "grpo" and args.completions < 2, "--method grpo needs --completions >= 2 (a group)"),
-        (args.method == "grpo" and args.resume, "--resume is for DTM runs only")]
+        (args.method == "grpo" and args.resume, "--resume is for DTM runs only"),
+        (args.minibatch == "tilted" and args.weighting == "released",
+         "--minibatch tilted needs --weighting paper (the released weights have no Z)")]
         if bad]
     if problems:
         p.error(problems[0])
@@ -601,10 +618,12 @@ def main(argv=None):
             bench(args, Trainer(args, model))
         elif args.eval:
             run_eval(args)
-        elif args.method == "grpo":
-            GRPOTrainer(Trainer(args)).run()
         else:
-            Trainer(args).run()
+            if not dist.is_initialized() or dist.get_rank() == 0:     # what the run was, for the reports
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, "args.json"), "w") as f:
+                    json.dump(vars(args), f, indent=1)
+            (GRPOTrainer(Trainer(args)) if args.method == "grpo" else Trainer(args)).run()
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     finally:

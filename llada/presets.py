@@ -1,5 +1,5 @@
 """The configurations of llada_finetune.py: the paper's presets per task (App. D.2), the authors' released
-configs, the small Sudoku LLaDA's sizes (--preset tiny), d1's released GRPO settings (--method grpo) and
+configs, the small Sudoku LLaDA's sizes (--preset tiny, and --preset elicit for its mixed-quality base), d1's released GRPO settings (--method grpo) and
 what a flag takes when nothing sets it. `llada_finetune.parse` fills each unset flag from them.
 
     python llada_finetune.py --help      # prints every table (the epilog)
@@ -43,8 +43,16 @@ TINY = dict(
                 held_out_prompts=128, gen_length=24, block_length=8, tokens_per_step=2, lora_r=16, lora_alpha=16,
                 rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
 )
+# --preset elicit: the small LLaDA made from SFT data of mixed quality (python -m llada.sft --mix 0.5), whose
+# right solver is a minority of its samples (llada/README.md, "Eliciting a minority skill"): temperature-1
+# rollouts, 8 per prompt, Z per prompt, and large steps of the tilt (eta 10 at rewards in [0, 2]: close
+# to distilling each prompt's best rollouts, llada/rft.py), five phases.
+ELICIT = dict(
+    sudoku=dict(TINY["sudoku"], temperature=1.0, completions=8, z="prompt", buffer_prompts=64, refresh_prompts=16,
+                refresh_every=25, steps_per_phase=75, batch=32, eta=10.0, a_max=50.0, held_out_prompts=16),
+)
 # What a flag takes when neither it nor the preset sets it (the 8B's sizes).
-FALLBACK = dict(micro_batch=0, weighting="paper", ema=0.0, z="prompt", a_max=100.0,
+FALLBACK = dict(micro_batch=0, weighting="paper", minibatch="uniform", ema=0.0, z="prompt", a_max=100.0,
                 gen_length=256, block_length=32, tokens_per_step=2, lora_r=128, lora_alpha=64.0,
                 rollout_batch=16, protocol="ours", eval_lengths=[256, 512], eval_batch=8, phase_eval=0,
                 held_out_prompts=16)
@@ -57,4 +65,4 @@ D1 = dict(paper=dict(completions=6, temperature=0.9, lr=3e-6, clip=0.2, beta=0.0
                      iterations=1000, ref_sync=64 // 12),
           tiny=dict(completions=8, temperature=0.9, lr=3e-4, clip=0.2, beta=0.04, mu=12, eps=0.5, grpo_prompts=16,
                     iterations=10, ref_sync=0))
-D1["released"] = D1["paper"]
+D1["released"], D1["elicit"] = D1["paper"], D1["tiny"]

@@ -16,8 +16,16 @@ Sudoku (4x4): the prompt is `--protocol`'s (default `short`: one line) in the ch
 is `<answer>\\n{16 digits}\\n</answer>`, then end-of-text to --gen_length. `--grids K` trains on fresh
 puzzles of only K of the 200 training grids, a base that is weak for a structural reason (llada/README.md).
 
+SFT data from sources of mixed quality (`--mix M`): each response is the true solution with probability M,
+and otherwise the answer of a plausible wrong solver, `llada/tasks.py: sudoku_row_only` (each row's empty
+cells get the row's missing digits in increasing order; columns and boxes ignored; 0.47 of the test cells
+right on its own). The base then holds the right solver as a minority, the setting where a reward can
+raise what a model already does unreliably (llada/README.md, "Eliciting a minority skill"). The mixture is
+recorded in the directory's sft.json (`mix`, `wrong_solver`), which `python -m llada.modes` reads.
+
     python -m llada.sft --task sudoku --out runs/tiny_sudoku --grids 8          # a new 0.9M LLaDA, 2 cores
     python -m llada.sft --task sudoku --model_dir runs/tiny_sudoku --out runs/tiny_more --steps 500
+    python -m llada.sft --task sudoku --out runs/mixed --mix 0.5                 # the mixed-quality base
 """
 import argparse
 import json
@@ -37,7 +45,7 @@ if __package__ in (None, ""):
 from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, chat_text, left_pad, load_model, load_tokenizer,  # noqa: E402
                          random_model, save_safetensors)
 from llada.protocols import PROTOCOLS                                                   # noqa: E402
-from llada.tasks import sudoku_test_set, sudoku_train_grids, sudoku_train_puzzle        # noqa: E402
+from llada.tasks import sudoku_row_only, sudoku_test_set, sudoku_train_grids, sudoku_train_puzzle  # noqa: E402
 from maze.mdm import Help                                                               # noqa: E402
 
 # LLaDA's special tokens, by their names in its tokenizer.json; ours get the ids 0..5.
@@ -45,6 +53,7 @@ SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_hea
            "<|mdm_mask|>"]
 ANSWER_TAGS = ["<answer>", "</answer>"]             # one token each (added, not special: they decode)
 EPS = 1e-3                                          # LLaDA's p_mask = (1 - eps) t + eps: t never 0
+WRONG_SOLVERS = dict(row_only=sudoku_row_only)      # --mix: the other source of the SFT data
 
 
 # ============================================================================ the loss
@@ -64,10 +73,11 @@ def sft_loss(model, prompt, response, mask_id, generator=None, attention_mask=No
 
 
 def train(model, next_batch, steps, lr, generator, warmup=100, clip=1.0, weight_decay=0.1, betas=(0.9, 0.95),
-          desc="sft"):
+          desc="sft", after_step=None):
     """AdamW (LLaDA's weight decay 0.1) on sft_loss, lr warmed up linearly, then cosine to 0; the gradient
-    norm clipped. next_batch() -> (prompt, attention_mask or None, response). Ctrl-C stops after the
-    current step (the caller saves what was trained). Returns the losses, one per step taken."""
+    norm clipped. next_batch() -> (prompt, attention_mask or None, response); after_step(steps taken), if
+    given, after each step (e.g. an evaluation). Ctrl-C stops after the current step (the caller saves
+    what was trained). Returns the losses, one per step taken."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     losses, bar = [], tqdm(range(steps), desc=desc, mininterval=2)
@@ -85,6 +95,9 @@ def train(model, next_batch, steps, lr, generator, warmup=100, clip=1.0, weight_
             losses.append(loss.item())
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            if after_step is not None:
+                after_step(step + 1)
+                model.train()
     except KeyboardInterrupt:
         bar.close()
         print(f"\nCtrl-C: stopped after {len(losses)} of {steps} steps")
@@ -151,21 +164,26 @@ def sudoku_sft_grids(k, seed):
     return train if not k else random.Random(seed).sample(train, k)
 
 
-def sudoku_batches(tok, grids, prompt_of, gen_length, batch, seed, device="cpu"):
+def sudoku_batches(tok, grids, prompt_of, gen_length, batch, seed, device="cpu", mix=1.0, wrong="row_only"):
     """next_batch() for train: `batch` fresh puzzles of `grids` (llada/tasks.py: sudoku_train_puzzle, as
-    sudoku_data draws them) -> (prompt ids, attention mask, response ids with EOS padding)."""
+    sudoku_data draws them) -> (prompt ids, attention mask, response ids with EOS padding). Each response
+    is the solution with probability `mix`, else WRONG_SOLVERS[wrong]'s answer (mix 1: the draws of
+    the puzzles are those of an unmixed run)."""
     rng, eos = random.Random(seed), tok.token_to_id("<|endoftext|>")
-    answers = {g: tok.encode(sudoku_response(g), add_special_tokens=False).ids for g in grids}
-    if max(len(a) for a in answers.values()) > gen_length:
-        raise ValueError(f"--gen_length {gen_length} is shorter than a response "
-                         f"({max(len(a) for a in answers.values())} tokens)")
+    n = len(tok.encode(sudoku_response("1" * 16), add_special_tokens=False).ids)    # every answer: 16 digits
+    if n > gen_length:
+        raise ValueError(f"--gen_length {gen_length} is shorter than a response ({n} tokens)")
+    mixer = random.Random(seed + 1)                                     # the mixture's own coin
+
+    def response(it):
+        answer = it["solution"] if mix >= 1 or mixer.random() < mix else WRONG_SOLVERS[wrong](it["puzzle"])
+        ids = tok.encode(sudoku_response(answer), add_special_tokens=False).ids
+        return ids + [eos] * (gen_length - len(ids))
 
     def next_batch():
         items = [sudoku_train_puzzle(grids, rng) for _ in range(batch)]
         ids, am = left_pad([chat_prompt(tok, prompt_of(it)) for it in items], eos, device)
-        resp = torch.tensor([answers[it["solution"]] + [eos] * (gen_length - len(answers[it["solution"]]))
-                             for it in items], device=device)
-        return ids, am, resp
+        return ids, am, torch.tensor([response(it) for it in items], device=device)
     return next_batch
 
 
@@ -186,6 +204,12 @@ def parser():
                                        "default: a new model of the sizes below")
     p.add_argument("--grids", type=int, default=0, help="train on puzzles of only this many of the 200 "
                                                         "training grids (0: all 200)")
+    p.add_argument("--mix", type=float, default=1.0, help="SFT data of mixed quality: each response is the "
+                                                          "true solution with this probability, else the "
+                                                          "--wrong_solver's answer (1: all true)")
+    p.add_argument("--wrong_solver", choices=list(WRONG_SOLVERS), default="row_only",
+                   help="the other source: row_only fills each row's blanks with its missing digits in "
+                        "increasing order, ignoring columns and boxes")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="short", help="whose prompt (llada_finetune.py)")
     p.add_argument("--gen_length", type=int, default=24, help="response tokens: the answer, then end-of-text")
     p.add_argument("--steps", type=int, default=600, help="AdamW steps")
@@ -197,8 +221,27 @@ def parser():
     p.add_argument("--mlp", type=int, default=384, help="new model: MLP hidden size")
     p.add_argument("--vocab", type=int, default=320, help="new model: tokenizer size (bytes, specials, merges)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the grids, the puzzles and the masks")
+    p.add_argument("--eval_every", type=int, default=0, help="every N steps (and at the start) the greedy test "
+                   "cell accuracy (256 puzzles, block 8) into OUT/metrics.jsonl, with the training seconds; 0: off")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="float32 on any device")
     return p
+
+
+def test_logger(model, tok, args, rows, clock):
+    """after_step for train: every --eval_every steps, a row of test accuracy into `rows`, as llada_finetune.py's
+    --phase_eval logs it (rollouts 0: SFT needs none), the evaluations' own time left out of `seconds`."""
+    from llada.protocols import evaluate
+    test, spent = sudoku_test_set(), [0.0]
+
+    def log(step, force=False):
+        if step % args.eval_every and not force:
+            return
+        t0 = time.perf_counter()
+        acc = evaluate(model, tok, args.task, test, args.gen_length, 64, 8, args.protocol)["ours"]
+        spent[0] += time.perf_counter() - t0
+        rows.append(dict(step=step, rollouts=0, seconds=round(time.perf_counter() - clock - spent[0], 1), test=acc))
+        print(f"step {step}: test accuracy {acc['acc']:.3f} ± {acc['se']:.3f} (all right: {acc['whole']:.3f})")
+    return log
 
 
 def main(argv=None):
@@ -206,6 +249,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.grids <= 200 or args.steps < 1 or args.batch < 1:
         p.error("--grids must be in 0..200, --steps and --batch at least 1")
+    if not 0 <= args.mix <= 1:
+        p.error(f"--mix is a probability, in [0, 1] (got {args.mix})")
     prompt_of = PROTOCOLS[args.protocol]["prompts"][args.task]
     torch.manual_seed(args.seed)
     grids = sudoku_sft_grids(args.grids, args.seed)
@@ -217,18 +262,28 @@ def main(argv=None):
             example = dict(puzzle="0" * 16, solution="1" * 16)
             tok = build_tokenizer([chat_text(prompt_of(example)), sudoku_response("")], args.vocab)
             model = new_model(tok, args)
-        batches = sudoku_batches(tok, grids, prompt_of, args.gen_length, args.batch, args.seed, args.device)
+        batches = sudoku_batches(tok, grids, prompt_of, args.gen_length, args.batch, args.seed, args.device,
+                                 args.mix, args.wrong_solver)
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     n = sum(p.numel() for p in model.parameters())
     print(f"{n / 1e6:.2f}M parameters; {len(grids)} training grids; {args.steps} steps of {args.batch}")
     t0 = time.perf_counter()
     gen = torch.Generator(args.device).manual_seed(args.seed)
-    losses = train(model, batches, args.steps, args.lr, gen)
+    log, rows = None, []
+    if args.eval_every:
+        log = test_logger(model, tok, args, rows, t0)
+        log(0)
+    losses = train(model, batches, args.steps, args.lr, gen, after_step=log)
     last = sum(losses[-50:]) / max(len(losses[-50:]), 1)
+    if log is not None and len(losses) % args.eval_every:
+        log(len(losses), force=True)                    # the end, also after a Ctrl-C
     save_model_dir(model, tok, args.out, extra={"sft.json": dict(
         vars(args), grid_list=grids, steps_taken=len(losses), seconds=round(time.perf_counter() - t0, 1),
         final_loss=last)})
+    if rows:
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{time.perf_counter() - t0:.0f} s, {len(losses)} steps, final loss {last:.4f}; saved {args.out}")
 
 

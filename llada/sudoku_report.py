@@ -31,7 +31,7 @@ def read_run(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         for row in map(json.loads, f):
             if "test" in row:
-                test[row["a"] if "a" in row else row["iteration"]] = row["test"]
+                test[row["a"] if "a" in row else row.get("iteration", row.get("step"))] = row["test"]
             elif "rollout_s" in row:
                 buffer.append(row["buffer_reward"])
             elif "held_out_change" in row:
@@ -153,6 +153,38 @@ def cost_table(groups):
     return lines
 
 
+def run_record(run):
+    """The seed of a run and the temperature-1 true-solution share of its end (`python -m llada.modes`), from
+    the files the scripts leave: args.json (llada_finetune.py, llada.rft) or sft.json (llada.sft), and
+    modes.json in the run or its model/ (None where it was not measured)."""
+    seed = None
+    for name in ("args.json", "sft.json"):
+        if os.path.isfile(os.path.join(run, name)):
+            with open(os.path.join(run, name)) as f:
+                seed = json.load(f).get("seed")
+            break
+    true = None
+    for path in (os.path.join(run, "modes.json"), os.path.join(run, "model", "modes.json")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                true = json.load(f)["t1"]["true"]
+            break
+    return seed, true
+
+
+def results(groups):
+    """One row per run for figures/elicit.json: method (the group's name), seed, base and final test cell
+    accuracy and whole puzzles, the end's true-solution share at temperature 1, training rollouts, seconds."""
+    rows = []
+    for name, runs in groups.items():
+        for run in runs:
+            c, (seed, true) = cost_curve(run), run_record(run)
+            rows.append(dict(method=name, seed=seed, base_acc=c[0, 2], final_acc=c[-1, 2], base_whole=c[0, 3],
+                             final_whole=c[-1, 3], true_share=true, rollouts=int(c[-1, 0]), seconds=c[-1, 1],
+                             run=run))
+    return rows
+
+
 def plot_cost(groups, png, title):
     """Test cell accuracy against training rollouts and against training seconds, mean over seeds."""
     import matplotlib
@@ -184,6 +216,8 @@ def parser():
     p.add_argument("--cost_figure", help="write the figure of test accuracy against training rollouts and seconds "
                                          "here, and print each group at its end and at the first group's end "
                                          "seconds (runs that logged them: DTM and --method grpo)")
+    p.add_argument("--json", help="write one row per run here (results: method, seed, base and final accuracy "
+                                  "and whole puzzles, true share, rollouts, seconds; e.g. figures/elicit.json)")
     p.add_argument("--buffer_tilt", action="store_true", help="add how far each run's last phase moved its own "
                                                                "buffer towards the tilt (mean over seeds)")
     p.add_argument("--title", default="small LLaDA, 4x4 Sudoku: DTM against its control", help="figure title")
@@ -203,6 +237,10 @@ def main(argv=None):
     if args.cost_figure:
         print("\n".join(cost_table(groups)))
         plot_cost(groups, args.cost_figure, args.title)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results(groups), f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,19 @@ def sudoku_train_puzzle(grids, rng):
     return sudoku_puzzle(rng.choice(grids), rng.randint(4, 12), rng)
 
 
+def sudoku_row_only(puzzle):
+    """A plausible wrong solver (the minority's foil in `python -m llada.sft --mix`): each row's empty
+    cells get the digits that row is missing, in increasing order; columns and boxes are ignored. Every
+    row it writes holds 1-4 once, so it looks like an answer; it is right where a row's order happens to
+    be. E.g. the row 0 3 0 1 -> 2 3 4 1 (its missing 2, 4 in increasing order)."""
+    out = []
+    for r in range(4):
+        row = puzzle[4 * r:4 * r + 4]
+        missing = iter(sorted(set("1234") - set(row)))
+        out += [next(missing) if ch == "0" else ch for ch in row]
+    return "".join(out)
+
+
 def sudoku_data(seed=0, test=None, n_train=4000):
     """(train, test). test is `sudoku_test_set()` unless given (e.g. SPG's test CSV). Training puzzles
     are drawn with `seed` from the grids that solve no test puzzle: no seed and no test file can put a

@@ -218,6 +218,47 @@ def test_phi0_is_reward_weighted_elbo_with_per_group_Z():
     torch.testing.assert_close(ours, expected / len(x1), rtol=1e-12, atol=0)
 
 
+def test_phi1_large_eta_with_Z_per_prompt_is_cross_entropy_on_each_prompts_best_rollout():
+    """eta -> infinity, phi = 1, Z per prompt: e^{eta r} / Z -> n_g on a prompt's best rollout and -> 0 on the
+    rest, and the teacher term phi / Z -> 0. So the loss is (1/B) sum_g n_g tw CE(best of g): rejection-sampling
+    fine-tuning (llada/rft.py) with DTM's masking and time weight. Equal bests share the prompt's n_g.
+    (It needs r >= 0: with e^{eta r} < phi the weight phi / Z would grow without bound instead.)"""
+    x1, mask, logits, reward, tw, group = random_batch()
+    teacher = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=logits.dtype)
+    reward = torch.tensor([0.0, 1.0, 0.5, 1.5, 1.5, 2.0], dtype=logits.dtype)  # groups 0 0 1 1 1 2; a tie in 1
+    # r >= 0, so e^{eta r} >= phi, as llada_finetune.py makes it by shifting r by the buffer's minimum
+    nll = torch.nn.functional.cross_entropy(logits, x1[mask], reduction="none")
+    seq = mask.nonzero()[:, 0]
+    per_seq = torch.zeros(len(x1), dtype=nll.dtype).index_add(0, seq, nll) * tw
+    expected = 0.0
+    for g in group.unique():
+        rows = (group == g).nonzero()[:, 0]
+        best = rows[reward[rows] == reward[rows].max()]
+        expected += len(rows) * per_seq[best].mean()
+    expected /= len(x1)
+    ours = dtm_loss(logits, teacher, x1, mask, reward, tw, eta=100.0, phi=1.0, group=group)  # e^{-50}: 0
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    # ...and it could fail: at a finite eta the other rollouts and the teacher still count
+    assert abs(dtm_loss(logits, teacher, x1, mask, reward, tw, eta=2.0, phi=1.0, group=group) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("phi", [0.0, 1.0])
+def test_drawing_rows_from_the_tilted_buffer_with_log_Z_eta_r_has_the_uniform_draws_expected_loss(phi):
+    """llada_finetune.py --minibatch tilted: row b drawn with q_b = (e^{eta r_b} / Z_b) / B and given log Z = eta r_b
+    (weight 1 / (B q_b)). Its expected loss, sum_b q_b l_b, is the uniform draw's (1/B) sum_b l_b, exactly."""
+    x1, mask, logits, reward, tw, group = random_batch()
+    reward = reward - reward.min()
+    teacher = logits + 0.3
+    eta = 3.0
+    log_Z = group_log_mean_exp(eta * reward, group)
+    uniform = dtm_loss(logits, teacher, x1, mask, reward, tw, eta, phi, log_Z=log_Z, per_sequence=True).mean()
+    q = torch.exp(eta * reward - log_Z) / len(x1)
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-12)           # the weights e^{eta r}/Z average to 1
+    tilted = dtm_loss(logits, teacher, x1, mask, reward, tw, eta, phi, log_Z=eta * reward, per_sequence=True)
+    torch.testing.assert_close((q * tilted).sum(), uniform, rtol=1e-12, atol=0)
+    assert abs(tilted.mean() - uniform) > 1e-3                       # ...a uniform draw of those terms is not
+
+
 def test_group_log_mean_exp_is_log_Z_and_a_callers_log_Z_is_used_as_given():
     """log Z_g = log mean_{b in g} e^{eta r_b}, exactly; passing it as log_Z gives the in-batch loss,
     and a Z from elsewhere (e.g. a whole replay buffer) changes the loss by exactly its ratio."""

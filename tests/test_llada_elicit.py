@@ -1,0 +1,156 @@
+"""A base from SFT data of mixed quality and what a reward can draw out of it: the wrong solver, the mixture
+(llada/sft.py --mix), the modes and the exact tilt of a model's samples (llada/modes.py), and rejection-sampling
+fine-tuning (llada/rft.py)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llada import modes, rft, sft
+from llada.model import chat_text
+from llada.protocols import PROTOCOLS
+from llada.tasks import sudoku_row_only, sudoku_test_set
+
+SHORT = PROTOCOLS["short"]["prompts"]["sudoku"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_row_only_fills_each_rows_blanks_with_its_missing_digits_in_increasing_order():
+    assert sudoku_row_only("0301" + "0000" + "4300" + "1234") == "2341" + "1234" + "4312" + "1234"
+    test = sudoku_test_set()
+    answers = [sudoku_row_only(t["puzzle"]) for t in test]
+    assert all(sorted(a[4 * r:4 * r + 4]) == list("1234") for a in answers for r in range(4))   # rows look right
+    assert all(a[i] == t["puzzle"][i] for a, t in zip(answers, test) for i in range(16) if t["puzzle"][i] != "0")
+    right = sum(a[i] == t["solution"][i] for a, t in zip(answers, test) for i in range(16) if t["puzzle"][i] == "0")
+    empty = sum(t["puzzle"].count("0") for t in test)
+    assert (right, empty) == (973, 2072)                        # 0.470 of the test cells: a wrong solver
+    assert 0 < sum(a == t["solution"] for a, t in zip(answers, test)) < 10   # right as a whole only by chance
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return sft.build_tokenizer([chat_text(SHORT(dict(puzzle="0" * 16))), sft.sudoku_response("")], 320)
+
+
+def responses(tok, mix, n=400, seed=0):
+    """The responses of n training puzzles under --mix: 'true', 'wrong' (row-only) or neither, and the puzzles."""
+    import random
+    grids = sft.sudoku_sft_grids(0, 0)
+    prompt, am, resp = sft.sudoku_batches(tok, grids, SHORT, 24, n, seed=seed, mix=mix)()
+    rng = random.Random(seed)                                   # sudoku_batches' puzzle draws, replayed
+    from llada.tasks import sudoku_train_puzzle
+    items = [sudoku_train_puzzle(grids, rng) for _ in range(n)]
+    texts = [tok.decode(r.tolist()) for r in resp]
+    kinds = [modes.mode_of(t, it) for t, it in zip(texts, items)]
+    return kinds, items
+
+
+def test_mix_gives_the_true_solution_with_probability_M_and_the_row_only_answer_otherwise(tok):
+    kinds, items = responses(tok, 0.3)
+    both = [sudoku_row_only(it["puzzle"]) == it["solution"] for it in items]   # the two solvers agree here
+    assert all(k in (0, 1) for k in kinds)                      # every response is one of the two sources
+    share = sum(k == 0 and not b for k, b in zip(kinds, both)) / sum(not b for b in both)
+    assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(kinds))
+    assert responses(tok, 1.0)[0].count(0) == 400               # mix 1: all true (the unmixed data)
+    kinds0, items0 = responses(tok, 0.0)
+    assert all(k == 1 or sudoku_row_only(it["puzzle"]) == it["solution"] for k, it in zip(kinds0, items0))
+
+
+def test_modes_read_an_answer_as_the_evaluation_does():
+    item = dict(puzzle="0301000043001234", solution="2341412343121234")   # not a real grid: the reading only
+    wrong = sudoku_row_only(item["puzzle"])
+    assert modes.mode_of(f"<answer>\n{item['solution']}\n</answer>", item) == 0
+    assert modes.mode_of(f"<answer>\n{wrong}\n</answer>", item) == 1
+    assert modes.mode_of("<answer>\n1111222233334444\n</answer>", item) == 2
+    assert modes.mode_of(f"no tags, a run: {item['solution']}", item) == 0      # the cascade's fallback
+    assert modes.mode_of("<answer>\n2341 4123\n</answer>", item) == 2            # 8 digits: no answer
+    assert modes.answer_grid("<answer>23 41 41 23 43 12 12 34</answer>") == "2341412343121234"
+
+
+def test_tilt_targets_reweight_each_prompts_samples_by_e_to_the_a_r():
+    r = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=torch.float64)
+    true = torch.tensor([[False, True], [False, False]])
+    a = math.log(3) / 2                                        # e^{a r}: 1 and 3 for the first prompt
+    table, per = modes.tilt_targets(r, true, (0.0, a))
+    assert table[0.0]["reward"] == pytest.approx(1.0) and table[0.0]["true"] == pytest.approx(0.25)
+    torch.testing.assert_close(per[a][0], torch.tensor([1.5, 1.0], dtype=torch.float64))   # (0 + 3 * 2) / 4
+    torch.testing.assert_close(per[a][1], torch.tensor([0.75, 0.0], dtype=torch.float64))
+    big = modes.tilt_targets(r, true, (1e3,))[0][1e3]
+    assert big["reward"] == pytest.approx(1.5) and big["true"] == pytest.approx(0.5)      # the best of n
+
+
+def test_realised_fraction_is_a_ratio_of_means_with_its_se():
+    base, target = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])
+    final = torch.tensor([1.5, 1.25, 1.75])
+    out = modes.realised(base, final, target)
+    # d = 0.5, 0.25, 0.75; g = 1: fraction 0.5, residuals 0, -0.25, 0.25: SE 0.25 / sqrt(3)
+    assert out["fraction"] == pytest.approx(0.5) and out["se"] == pytest.approx(0.25 / 3 ** 0.5)
+
+
+def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(tmp_path, tiny):
+    with pytest.raises(modes.CheckpointError, match="no record of the SFT mixture"):
+        modes.mixture(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "llada.modes", "--model_dir", tiny[0]], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "no record of the SFT mixture" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("1.5", "-0.1"):
+        r = subprocess.run([sys.executable, "-m", "llada.sft", "--out", str(tmp_path / "m"), "--mix", bad],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode != 0 and "--mix is a probability" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rft_keeps_each_prompts_best_sample_and_logs_its_cost(tiny, tmp_path, monkeypatch):
+    """One round on the tiny random LLaDA: the kept completion of each prompt is its highest-reward sample
+    (the first of equals), and metrics.jsonl has the rows llada.sudoku_report reads."""
+    kept = {}
+    real = rft.best_rollouts
+
+    def spy(model, tok, items, n, gen, args):
+        state = gen.get_state()
+        out = real(model, tok, items, n, gen, args)
+        gen.set_state(state)                                    # the same samples, again, to check the pick
+        _, r, comp = modes.sample(model, tok, items, n, args.temperature, args.gen_length, args.block_length,
+                                  args.tokens_per_step, args.batch_sample, gen, args.protocol, return_ids=True)
+        kept.update(r=r, comp=comp.view(len(items), n, -1), best=out[2], best_r=out[3])
+        return out
+    monkeypatch.setattr(rft, "best_rollouts", spy)
+    out = str(tmp_path / "rft")
+    rft.main(["--model_dir", tiny[0], "--out", out, "--rounds", "1", "--prompts", "3", "--samples", "4",
+              "--steps", "2", "--batch", "4", "--eval_limit", "4"])
+    k = kept["r"].argmax(1)
+    torch.testing.assert_close(kept["best_r"], kept["r"].max(1).values)
+    assert torch.equal(kept["best"], kept["comp"][torch.arange(3), k])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in rows] == [0, 1] and [r["rollouts"] for r in rows] == [0, 12]
+    assert os.path.isfile(os.path.join(out, "model", "config.json"))
+
+
+@pytest.mark.slow
+def test_end_to_end_mixed_sft_then_dtm_beats_its_same_seed_control_on_its_last_rollouts(tmp_path):
+    """python -m llada.sft --mix makes a small base that holds the true solver as a minority (reduced: d 64),
+    llada_finetune.py --preset elicit (reduced) fine-tunes it with DTM and with its same-seed control, and
+    --eval scores DTM's adapter. DTM's last rollouts (the teacher's buffer of its last phase: the previous
+    phase's student) score a higher mean reward than the control's, by more than their sampling error."""
+    base = str(tmp_path / "base")
+    sft.main(["--out", base, "--mix", "0.5", "--steps", "300", "--d_model", "64", "--n_layers", "2", "--mlp", "128",
+              "--batch", "32", "--lr", "3e-3"])
+    import llada_finetune as lf
+    last = {}
+    for control in ([], ["--control"]):
+        out = str(tmp_path / ("ctl" if control else "dtm"))
+        lf.main(["--model_dir", base, "--task", "sudoku", "--preset", "elicit", "--out", out, "--buffer_prompts", "32",
+                 "--refresh_prompts", "8", "--refresh_every", "10", "--held_out_prompts", "0", "--steps_per_phase",
+                 "30", "--a_max", "30", "--save_every", "0", *control])
+        s = torch.load(os.path.join(out, "state_rank0.pt"), weights_only=True)
+        last[bool(control)] = s["buffer"]["r"].double()
+    d = last[False].mean() - last[True].mean()
+    se = (last[False].var() / len(last[False]) + last[True].var() / len(last[True])) ** 0.5
+    assert d > se, (d.item(), se.item())
+    r = subprocess.run([sys.executable, "llada_finetune.py", "--model_dir", base, "--task", "sudoku", "--preset",
+                        "elicit", "--eval", "--eval_limit", "32", "--adapter", str(tmp_path / "dtm" / "adapter")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "| sudoku (32) |" in r.stdout, r.stderr
