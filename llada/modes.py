@@ -35,7 +35,7 @@ from maze.mdm import Help                                                       
 
 WRONG = dict(row_only=sudoku_row_only)                 # llada/sft.py: WRONG_SOLVERS, by the names it records
 MODES = ("true", "wrong", "other")
-A_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 100.0)
+A_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 25.0, 40.0, 50.0, 100.0)
 
 
 def mixture(model_dir):
@@ -153,24 +153,23 @@ def measure(model, tok, items, wrong, samples=8, seed=0, a_grid=A_GRID, **sample
         texts, r = sample(model, tok, items, n, T, generator=gen, **sampler)
         m = torch.tensor([[mode_of(t, it, wrong) for t in row] for row, it in zip(texts, items)])
         out[name] = dict(shares(m), reward=r.mean().item(), reward_se=(r.mean(1).std() / len(r) ** 0.5).item())
-        per[name] = dict(reward=r.mean(1).tolist(), true=(m == 0).double().mean(1).tolist())
-        if name == "t1":
-            table, _ = tilt_targets(r, m == 0, a_grid)
-            out["tilt"] = {f"{a:g}": v for a, v in table.items()}
-            per["tilt"] = {f"{a:g}": dict(reward=v[0].tolist(), true=v[1].tolist())
-                           for a, v in tilt_targets(r, m == 0, a_grid)[1].items()}
+        per[name] = dict(reward=r.mean(1).tolist(), true=(m == 0).double().mean(1).tolist(), r=r.tolist(),
+                         modes=m.tolist())
+    out["tilt"] = {f"{a:g}": v for a, v in tilt_targets(torch.tensor(per["t1"]["r"]),
+                                                         torch.tensor(per["t1"]["modes"]) == 0, a_grid)[0].items()}
     out["per_prompt"] = per
     return out
 
 
 def realised_against(reference, result, a):
-    """How far `result` got towards the tilt at a of the base `reference` (both measure()'s, same items)."""
-    ref, new = reference["per_prompt"], result["per_prompt"]
-    key = f"{a:g}"
-    if key not in ref["tilt"]:
-        raise ValueError(f"the reference has no tilt at a = {key} (it has {', '.join(ref['tilt'])})")
-    t = lambda d, k: torch.tensor(d[k])                                               # noqa: E731
-    return {k: realised(t(ref["t1"], k), t(new["t1"], k), t(ref["tilt"][key], k)) for k in ("reward", "true")}
+    """How far `result` got towards the tilt at a of the base `reference` (both measure()'s, same items):
+    {reward: realised(...), true: realised(...)} of the temperature-1 samples."""
+    ref, new = reference["per_prompt"]["t1"], result["per_prompt"]["t1"]
+    if len(ref["r"]) != len(new["r"]):
+        raise ValueError(f"the reference has {len(ref['r'])} test puzzles, this model {len(new['r'])}")
+    _, per = tilt_targets(torch.tensor(ref["r"]), torch.tensor(ref["modes"]) == 0, (a,))
+    t = lambda d, k: torch.tensor(d[k], dtype=torch.float64)                          # noqa: E731
+    return {k: realised(t(ref, k), t(new, k), per[a][j]) for j, k in enumerate(("reward", "true"))}
 
 
 def report(res, name):
@@ -180,7 +179,7 @@ def report(res, name):
           f"(SE {t['true_se']:.3f}); mean reward at temperature 1 {t['reward']:.3f} ± {t['reward_se']:.3f}")
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--model_dir", required=True, help="a small LLaDA made by python -m llada.sft --mix "
                                                       "(its sft.json names the wrong solver)")
@@ -190,7 +189,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="first N test puzzles only (0: all 256)")
     p.add_argument("--reference", help="the base's modes.json: also report how far this model got towards "
                                        "the base's tilt at --a")
-    p.add_argument("--a", type=float, default=40.0, help="the tilt of --reference to measure against (a run's a_max)")
+    p.add_argument("--a", type=float, default=50.0, help="the tilt of --reference to measure against (a run's a_max)")
     p.add_argument("--gen_length", type=int, default=24, help="as --preset tiny")
     p.add_argument("--block_length", type=int, default=8, help="as --preset tiny")
     p.add_argument("--tokens_per_step", type=int, default=2, help="as --preset tiny")
@@ -198,6 +197,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the temperature-1 samples")
     p.add_argument("--out", help="write the result as JSON here (default: MODEL_DIR/modes.json, or "
                                  "ADAPTER/../modes.json)")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error("--samples must be at least 1")

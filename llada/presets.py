@@ -44,12 +44,15 @@ TINY = dict(
                 rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
 )
 # --preset elicit: the small LLaDA made from SFT data of mixed quality (python -m llada.sft --mix 0.5), whose
-# right solver is a minority of its samples (llada/README.md, "Eliciting a minority skill"): temperature-1
-# rollouts, 8 per prompt, Z per prompt, and large steps of the tilt (eta 10 at rewards in [0, 2]: close
-# to distilling each prompt's best rollouts, llada/rft.py), five phases.
+# right solver is a minority of its samples (llada/README.md, "Eliciting a minority skill"). Temperature-1
+# rollouts, 8 per prompt, Z per prompt; two large steps of the tilt (eta 50 at rewards in [0, 2]: each
+# phase is close to distilling each prompt's best rollout, as a round of llada/rft.py is); a phase's
+# buffer is 256 prompts' rollouts, never refreshed (refresh_every = the phase's steps); rows drawn from
+# the tilted buffer (--minibatch tilted), so that the batch is not spent on rollouts of weight ~0.
 ELICIT = dict(
-    sudoku=dict(TINY["sudoku"], temperature=1.0, completions=8, z="prompt", buffer_prompts=64, refresh_prompts=16,
-                refresh_every=25, steps_per_phase=75, batch=32, eta=10.0, a_max=50.0, held_out_prompts=16),
+    sudoku=dict(TINY["sudoku"], temperature=1.0, completions=8, z="prompt", buffer_prompts=256, refresh_prompts=64,
+                refresh_every=100, steps_per_phase=100, batch=64, eta=50.0, a_max=100.0, held_out_prompts=16,
+                minibatch="tilted"),
 )
 # What a flag takes when neither it nor the preset sets it (the 8B's sizes).
 FALLBACK = dict(micro_batch=0, weighting="paper", minibatch="uniform", ema=0.0, z="prompt", a_max=100.0,

@@ -154,22 +154,24 @@ def cost_table(groups):
 
 
 def run_record(run):
-    """The seed of a run and the temperature-1 true-solution share of its end (`python -m llada.modes`), from
-    the files the scripts leave: args.json (llada_finetune.py, llada.rft) or sft.json (llada.sft), and
-    modes.json in the run or its model/ (None where it was not measured)."""
+    """The seed of a run, and of its end (`python -m llada.modes`) the temperature-1 true-solution share and
+    the realised fraction of the base's tilt of the mean reward with its SE, from the files the scripts leave:
+    args.json (llada_finetune.py, llada.rft) or sft.json (llada.sft), and modes.json in the run or its model/
+    (None where it was not measured)."""
     seed = None
     for name in ("args.json", "sft.json"):
         if os.path.isfile(os.path.join(run, name)):
             with open(os.path.join(run, name)) as f:
                 seed = json.load(f).get("seed")
             break
-    true = None
+    modes = {}
     for path in (os.path.join(run, "modes.json"), os.path.join(run, "model", "modes.json")):
         if os.path.isfile(path):
             with open(path) as f:
-                true = json.load(f)["t1"]["true"]
+                modes = json.load(f)
             break
-    return seed, true
+    got = modes.get("realised", {}).get("reward", {})
+    return seed, modes.get("t1", {}).get("true"), got.get("fraction"), got.get("se")
 
 
 def results(groups):
@@ -178,11 +180,28 @@ def results(groups):
     rows = []
     for name, runs in groups.items():
         for run in runs:
-            c, (seed, true) = cost_curve(run), run_record(run)
+            c, (seed, true, realised, realised_se) = cost_curve(run), run_record(run)
             rows.append(dict(method=name, seed=seed, base_acc=c[0, 2], final_acc=c[-1, 2], base_whole=c[0, 3],
                              final_whole=c[-1, 3], true_share=true, rollouts=int(c[-1, 0]), seconds=c[-1, 1],
-                             run=run))
+                             realised=realised, realised_se=realised_se, run=run))
     return rows
+
+
+def results_table(rows):
+    """Markdown rows of results(): per method, the end over its seeds (mean ± SE over seeds), as the README
+    shows them (tests/test_docs.py checks that it does)."""
+    lines = ["| method | seeds | training rollouts | seconds | test cell accuracy, base -> end | whole puzzles, "
+             "base -> end | true solutions at temperature 1 | realised fraction of the tilt (reward) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        col = lambda k: [r[k] for r in rs]                                            # noqa: E731
+        opt = lambda k: spread(col(k)) if None not in col(k) else "-"                 # noqa: E731
+        lines.append(f"| {m} | {len(rs)} | {np.mean(col('rollouts')):.0f} | {np.mean(col('seconds')):.0f} | "
+                     f"{np.mean(col('base_acc')):.3f} -> {spread(col('final_acc'))} | "
+                     f"{np.mean(col('base_whole')):.3f} -> {spread(col('final_whole'))} | {opt('true_share')} | "
+                     f"{opt('realised')} |")
+    return lines
 
 
 def plot_cost(groups, png, title):
@@ -238,8 +257,10 @@ def main(argv=None):
         print("\n".join(cost_table(groups)))
         plot_cost(groups, args.cost_figure, args.title)
     if args.json:
+        rows = results(groups)
+        print("\n".join(results_table(rows)))
         with open(args.json, "w") as f:
-            json.dump(results(groups), f, indent=1)
+            json.dump(rows, f, indent=1)
         print(f"wrote {args.json}")
 
 

@@ -13,7 +13,7 @@ import pytest
 import dtm
 import grpo
 import llada_finetune
-from llada import cache_agreement, sft, sudoku_report
+from llada import cache_agreement, modes, rft, sft, sudoku_report
 from maze import capacity, experiments, mdm, refit, rl_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,8 @@ PARSERS = {"dtm.py": lambda a: dtm.parser().parse_args(a),
            "-m maze.refit": lambda a: refit.parser().parse_args(a),
            "-m llada.cache_agreement": lambda a: cache_agreement.parser().parse_args(a),
            "-m llada.sft": lambda a: sft.parser().parse_args(a),
+           "-m llada.modes": lambda a: modes.parser().parse_args(a),
+           "-m llada.rft": lambda a: rft.parser().parse_args(a),
            "-m llada.sudoku_report": lambda a: sudoku_report.parser().parse_args(a),
            "llada_finetune.py": lambda a: llada_finetune.parser().parse_args(a)}
 NO_ARGS = ("tests/tabular.py", "-m maze.env")
@@ -111,3 +113,20 @@ def test_no_table_row_is_split_by_a_pipe_inside_code(doc):
         if line.startswith("|"):
             for span in re.findall(r"`[^`]*`", line):
                 assert not re.search(r"(?<!\\)\|", span), f"{doc}:{n}: {span}"
+
+
+def test_the_elicit_results_file_has_a_row_per_run_and_the_readme_shows_its_table():
+    """figures/elicit.json (python -m llada.sudoku_report --json): one row per run with the fields a reader
+    needs, at least 3 seeds per method, and README.md's table is results_table of those rows, line by line."""
+    import json
+    rows = json.load(open(os.path.join(ROOT, "figures", "elicit.json")))
+    fields = {"method", "seed", "base_acc", "final_acc", "base_whole", "final_whole", "true_share", "rollouts",
+              "seconds"}
+    assert rows and all(fields <= set(r) for r in rows)
+    methods = {r["method"] for r in rows}
+    assert methods <= {"dtm", "control", "d1", "rft", "sft"} and {"dtm", "control"} <= methods
+    for m in methods:
+        assert len({r["seed"] for r in rows if r["method"] == m}) >= 3, m
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for line in sudoku_report.results_table(rows):
+        assert line in readme, line

@@ -91,6 +91,18 @@ def test_realised_fraction_is_a_ratio_of_means_with_its_se():
     assert out["fraction"] == pytest.approx(0.5) and out["se"] == pytest.approx(0.25 / 3 ** 0.5)
 
 
+def test_realised_against_the_bases_tilt_pairs_each_prompt_with_its_own_tilted_samples():
+    ref = dict(per_prompt=dict(t1=dict(r=[[0.0, 2.0], [1.0, 1.0]], modes=[[2, 0], [2, 2]], reward=[1.0, 1.0],
+                                       true=[0.5, 0.0])))
+    new = dict(per_prompt=dict(t1=dict(r=[[1.0, 2.0], [1.0, 1.0]], modes=[[2, 0], [2, 2]], reward=[1.5, 1.0],
+                                       true=[0.5, 0.0])))
+    out = modes.realised_against(ref, new, 1e3)                 # the tilt at a = 1000: each prompt's best
+    assert out["reward"]["fraction"] == pytest.approx(0.5)      # (0.5 + 0) / (1 + 0)
+    assert out["true"]["fraction"] == pytest.approx(0.0)        # the true share did not move (target: 1, 0)
+    with pytest.raises(ValueError, match="test puzzles"):
+        modes.realised_against(ref, dict(per_prompt=dict(t1=dict(r=[[1.0]], modes=[[2]], reward=[1], true=[0]))), 1)
+
+
 def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(tmp_path, tiny):
     with pytest.raises(modes.CheckpointError, match="no record of the SFT mixture"):
         modes.mixture(str(tmp_path))
@@ -131,20 +143,22 @@ def test_rft_keeps_each_prompts_best_sample_and_logs_its_cost(tiny, tmp_path, mo
 
 @pytest.mark.slow
 def test_end_to_end_mixed_sft_then_dtm_beats_its_same_seed_control_on_its_last_rollouts(tmp_path):
-    """python -m llada.sft --mix makes a small base that holds the true solver as a minority (reduced: d 64),
-    llada_finetune.py --preset elicit (reduced) fine-tunes it with DTM and with its same-seed control, and
-    --eval scores DTM's adapter. DTM's last rollouts (the teacher's buffer of its last phase: the previous
-    phase's student) score a higher mean reward than the control's, by more than their sampling error."""
+    """python -m llada.sft --mix makes a small base that holds the true solver as a minority (reduced: d 64,
+    2 layers, 600 steps, M 0.7: 2.5% true solutions at temperature 1), llada_finetune.py --preset elicit
+    (reduced: 64 prompts per phase, 60 steps, three phases to a = 150) fine-tunes it with DTM and with its
+    same-seed control, and --eval scores DTM's adapter. DTM's last rollouts (the teacher's buffer of its last
+    phase: the previous phase's student) score a higher mean reward than the control's, by more than their
+    sampling error (measured: 1.222 against 1.146, SE 0.027). About 3.5 minutes on one thread."""
     base = str(tmp_path / "base")
-    sft.main(["--out", base, "--mix", "0.5", "--steps", "300", "--d_model", "64", "--n_layers", "2", "--mlp", "128",
+    sft.main(["--out", base, "--mix", "0.7", "--steps", "600", "--d_model", "64", "--n_layers", "2", "--mlp", "128",
               "--batch", "32", "--lr", "3e-3"])
     import llada_finetune as lf
     last = {}
     for control in ([], ["--control"]):
         out = str(tmp_path / ("ctl" if control else "dtm"))
-        lf.main(["--model_dir", base, "--task", "sudoku", "--preset", "elicit", "--out", out, "--buffer_prompts", "32",
-                 "--refresh_prompts", "8", "--refresh_every", "10", "--held_out_prompts", "0", "--steps_per_phase",
-                 "30", "--a_max", "30", "--save_every", "0", *control])
+        lf.main(["--model_dir", base, "--task", "sudoku", "--preset", "elicit", "--out", out, "--buffer_prompts", "64",
+                 "--refresh_prompts", "8", "--refresh_every", "60", "--steps_per_phase", "60", "--lr", "3e-3",
+                 "--a_max", "150", "--held_out_prompts", "0", "--phase_eval", "0", "--save_every", "0", *control])
         s = torch.load(os.path.join(out, "state_rank0.pt"), weights_only=True)
         last[bool(control)] = s["buffer"]["r"].double()
     d = last[False].mean() - last[True].mean()
