@@ -65,6 +65,14 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
                    caller's log Z (e.g. over a whole replay buffer), used instead of the batch's
     Returns (1/B) sum_b time_weight_b sum_{i in mask_b} loss_i, or per_sequence: the (B,) terms (their mean).
 
+    What it needs of its inputs: the NLL weight (e^{eta r} - phi) / Z stays >= 0 only where
+    e^{eta r} >= phi, i.e. r >= 0 for phi = 1 at any eta > 0 (shift r, or take phi <= e^{eta min r}).
+    Where e^{eta r} < phi the loss still has the tilted posterior as its minimiser in expectation (eq. 15
+    holds for any phi), but a batch's loss can then be unbounded below in p_theta(x1^i), and a finite
+    step can run away. No check is made here: the callers pass a reward that meets it (the maze's r is
+    at least its invalid-path reward, -1, so dtm.py passes r + r_offset with r_offset = 1; LLaDA's rewards
+    are >= 0 and its phi <= 1).
+
     Derivation (paper §3). Masking x1 -> x_t does not depend on the tilt, so (eq. 11-12)
         E_{a+eta}[F] = E_a[e^{eta r(X1)} F] / E_a[e^{eta r(X1)}],
     and the tilted posterior at a masked position i is the ratio (eq. 13)

@@ -292,7 +292,8 @@ def evaluate(model, tok, task, items, gen_length, batch=8, block_length=32, prot
 
 def run_eval(args):
     dev = torch.device(args.device)
-    model = load_model(args.model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    model = load_model(args.model_dir, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                       not args.skip_finite_check)
     tok = load_tokenizer(args.model_dir)
     if args.adapter:
         add_lora(model, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)

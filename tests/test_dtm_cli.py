@@ -148,6 +148,7 @@ def test_bad_input_gives_one_line_error_not_traceback(args, message):
     assert message in res.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
     more = ["--base", tiny_base, "--out", out, "--figures", figs]

@@ -2,6 +2,7 @@
 import functools
 import math
 
+import pytest
 import torch
 
 import tabular as T
@@ -109,6 +110,7 @@ def test_phi1_minimiser_keeps_the_offset_of_a_teacher_that_is_not_self_consisten
     assert (learned - tilted_posterior).abs().max() > 0.05             # the offset is real
 
 
+@pytest.mark.slow
 def test_a_constant_added_to_the_reward_keeps_only_e_to_the_minus_eta_c_of_the_offset():
     """dtm.py's --r_offset c is not innocent for such a teacher: with r + c the minimiser is
     T + phi e^{-eta c} (p_a - post) / E_q[e^{eta r} | x_t], i.e. phi acts as phi e^{-eta c}, and a
@@ -122,6 +124,7 @@ def test_a_constant_added_to_the_reward_keeps_only_e_to_the_minus_eta_c_of_the_o
     assert (expected - T.inconsistent_minimiser(teacher, r, eta, 1.0)[1]).abs().max() > 0.05
 
 
+@pytest.mark.slow
 def test_the_centred_control_variate_keeps_the_offset_whatever_constant_is_added_to_the_reward():
     """dtm.py --centred scales the control variate by Z: the NLL weight is e^{eta r} / Z - phi, whose
     mean over x1 ~ p_a is exactly 1 - phi, instead of the paper's (e^{eta r} - phi) / Z, whose mean
@@ -162,6 +165,7 @@ def test_phi1_realises_the_reward_gain_from_a_base_that_is_not_self_consistent()
     assert tvs[-1] < T.tv(q0, T.tilted(q0, r, 1.0)) / 3, tvs
 
 
+@pytest.mark.slow
 def test_a_model_restricted_to_k_directions_realises_the_same_fraction_of_the_tilt_at_every_eta():
     """In exact expectation (no rollouts), a model that moves its table along k random directions
     realises a fraction of the exact gain in E[r] that grows with k (16: about 0.2, 256: about 0.8) and

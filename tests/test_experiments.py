@@ -54,6 +54,7 @@ def test_gradient_norm_at_the_teacher_is_order_eta_for_phi1_and_order_one_for_ph
                              torch.Generator().manual_seed(2), batches=4) == pytest.approx(g0 / 2)   # clipped
 
 
+@pytest.mark.slow
 def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_base, tmp_path):
     out, figs = str(tmp_path / "sweep"), str(tmp_path / "figs")
     args = ["sweep"] + TINY + FAST + ["--base", tiny_base, "--out", out, "--figures", figs, "--sweep_etas", "0.2", "0.1",
@@ -76,6 +77,7 @@ def test_sweep_runs_phi_by_eta_at_equal_compute_and_writes_table_and_grid(tiny_b
 
 
 
+@pytest.mark.slow
 def test_resume_at_the_samplers_own_states_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
     more = ["--base", tiny_base, "--out", out, "--figures", figs, "--states", "path"]
@@ -84,6 +86,7 @@ def test_resume_at_the_samplers_own_states_continues_after_the_last_finished_pha
     assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
 
 
+@pytest.mark.slow
 def test_released_variants_run_and_change_the_trained_model(tiny_base, tmp_path):
     """--weighting count (1/n time weight), --weighting released, --ema and --states path each give another
     model than the default from the same seed; with --ema the model after a phase is the EMA of its iterates."""
@@ -107,6 +110,7 @@ def test_shuffled_rewards_are_a_permutation_within_each_prompt():
     assert torch.equal(s, experiments.shuffled(r, torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.slow
 def test_shuffle_rewards_trains_on_permuted_rewards_and_measures_the_true_ones(tiny_base, tmp_path, monkeypatch):
     """--shuffle_rewards (the no-signal control): in the loss, each prompt's rewards sit on other rollouts of
     that prompt; the measured rows still score every rollout by its own reward. Rewards here are a
@@ -146,6 +150,7 @@ def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path
 
 
 
+@pytest.mark.slow
 def test_run_with_no_variant_flag_is_dtm_py_itself(tiny_base, tmp_path):
     """maze/experiments.py overrides dtm.Paper's methods only where a flag asks: with none set, its run
     trains the very same model as dtm.py's, bit for bit."""
@@ -177,6 +182,7 @@ def test_iterate_averaging_makes_the_mean_of_the_last_iterates_the_model(tiny_ba
     assert any(not torch.equal(a, b) for a, b in zip(seen[2], seen[3]))     # the two iterates differ
 
 
+@pytest.mark.slow
 def test_budget_runs_one_phase_per_config_and_seed_and_reuses_finished_runs(tiny_base, tmp_path):
     out = str(tmp_path / "budget")
     argv = ["budget"] + TINY + FAST + ["--base", tiny_base, "--out", out, "--budget", "c1", "c1avg", "--seeds", "0"]
@@ -188,6 +194,7 @@ def test_budget_runs_one_phase_per_config_and_seed_and_reuses_finished_runs(tiny
     assert json.dumps(experiments.main(argv)) == json.dumps(rows)           # reused, not run again (NaN as text)
 
 
+@pytest.mark.slow
 def test_the_health_check_does_not_change_the_training(tiny_base, tmp_path):
     """Its rollouts and maskings come from a generator of their own: the same seed trains the same
     model whatever the number of held-out rollouts, and it does move (the first test's runs)."""

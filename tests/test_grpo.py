@@ -205,6 +205,7 @@ def test_grpo_bad_input_gives_one_line_error(argv, message, capsys):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_rl_report_puts_dtm_and_grpo_runs_in_one_table_at_equal_rollouts_and_seconds(tiny_base, tmp_path, capsys):
     import dtm
     from maze import rl_report

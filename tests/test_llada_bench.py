@@ -12,6 +12,7 @@ from test_llada_finetune import train_args
 from llada.model import LLaDAConfig
 
 
+@pytest.mark.slow
 def test_bench_prints_a_warm_timing_table_per_batch_size_in_seconds(tiny, capsys):
     args = lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--bench", "--bench_batches", "1", "3",
                      "--gen_length", "8", "--block_length", "4", "--lora_r", "4", "--device", "cpu"])
@@ -54,6 +55,7 @@ def test_rollout_batch_auto_picks_where_sequences_per_second_stop_rising_and_sta
     assert bench.pick_rollout_batch(out_of_memory_at_4, cap=64)[0] == 2
 
 
+@pytest.mark.slow
 def test_rollout_batch_auto_measures_the_tiny_model_and_trains(tiny, tmp_path, capsys):
     out = str(tmp_path / "auto")
     lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--rollout_batch", "auto"))

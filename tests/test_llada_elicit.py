@@ -103,6 +103,7 @@ def test_realised_against_the_bases_tilt_pairs_each_prompt_with_its_own_tilted_s
         modes.realised_against(ref, dict(per_prompt=dict(t1=dict(r=[[1.0]], modes=[[2]], reward=[1], true=[0]))), 1)
 
 
+@pytest.mark.slow
 def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(tmp_path, tiny):
     with pytest.raises(modes.CheckpointError, match="no record of the SFT mixture"):
         modes.mixture(str(tmp_path))

@@ -86,6 +86,7 @@ def adapters(path):
     return torch.load(path, weights_only=True)["student"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", [[], ["--preset", "released"]])    # released: EMA teacher, its weighting
 def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path, preset):
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
@@ -105,6 +106,7 @@ def test_kill_and_resume_gives_the_uninterrupted_lora_weights(tiny, tmp_path, pr
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+@pytest.mark.slow
 def test_every_phase_logs_its_held_out_change_which_is_zero_when_the_adapters_do_not_move(tiny, tmp_path):
     """The health check: J(student) - J(teacher) on the phase's held-out rollouts. At lr 0 the student
     is the teacher, so the change is exactly 0; at lr 1e-2 it is not. Its draws have a generator of
@@ -124,6 +126,7 @@ def test_every_phase_logs_its_held_out_change_which_is_zero_when_the_adapters_do
     assert not any("held_out_change" in json.loads(line) for line in open(os.path.join(off, "metrics.jsonl")))
 
 
+@pytest.mark.slow
 def test_the_control_shuffles_only_the_rewards_so_its_first_step_sees_dtms_buffer_and_masks(tiny, tmp_path,
                                                                                                monkeypatch):
     seen = {}
@@ -148,6 +151,7 @@ def test_training_with_the_dual_cache_sampler_for_rollouts_runs_to_an_adapter(ti
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_full_run_writes_a_peft_adapter_and_eval_prints_a_table(tiny, tmp_path):
     out = str(tmp_path / "run")
     lf.main(train_args(tiny[0], out, "--a_max", "0.5"))
@@ -159,6 +163,7 @@ def test_full_run_writes_a_peft_adapter_and_eval_prints_a_table(tiny, tmp_path):
     assert "| task | gen 8 | gen 16 |" in r.stdout and "| countdown (3) |" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_under_the_paper_protocol_reads_spg_files_and_prints_its_table(tiny, tmp_path):
     (tmp_path / "cd.jsonl").write_text('{"input": "30,100,93", "output": "23"}\n{"input": "1,2,3", "output": "6"}\n')
     r = run_cli("--model_dir", tiny[0], "--task", "countdown", "--eval", "--protocol", "paper", "--eval_lengths", "8",
@@ -168,6 +173,7 @@ def test_eval_under_the_paper_protocol_reads_spg_files_and_prints_its_table(tiny
     assert "| countdown (2), ours scorer |" in r.stdout and "| countdown (2), spg scorer |" in r.stdout
 
 
+@pytest.mark.slow
 def test_released_preset_fills_what_is_not_given_and_ema_becomes_student_and_teacher(tiny, tmp_path):
     a = lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--preset", "released", "--lr", "1e-5"])
     assert (a.steps_per_phase, a.batch, a.micro_batch, a.buffer_prompts, a.ema, a.weighting, a.lr) == \
@@ -193,6 +199,7 @@ def test_bad_flags_give_a_one_line_error(tiny, flags, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_and_missing_data_give_a_one_line_error(tiny, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -212,6 +219,7 @@ def test_corrupt_resume_state_gives_a_one_line_error(tiny, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "cannot resume (corrupt" in r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "llada_finetune.py",
@@ -231,6 +239,7 @@ def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
     assert s0["global_step"] == s1["global_step"] == 3 and s0["lora_checksum"] == s1["lora_checksum"]
 
 
+@pytest.mark.slow
 def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_otherwise(tiny, tmp_path, monkeypatch):
     """llada/sudoku_report.py: buffer_tilt regresses the ELBO change of the last buffer on eta r."""
     from llada.sudoku_report import buffer_tilt
@@ -272,6 +281,7 @@ def varied_reward(monkeypatch):                        # a reward that varies wi
     monkeypatch.setitem(lf.PROTOCOLS["ours"]["rewards"], "countdown", lambda text, item: float(len(text) % 7))
 
 
+@pytest.mark.slow
 def test_grpo_at_lr_0_keeps_the_adapter_at_the_reference_and_its_kl_is_zero_and_moves_it_otherwise(tiny, tmp_path,
                                                                                                  monkeypatch):
     from llada.model import load_safetensors
@@ -290,6 +300,7 @@ def test_grpo_at_lr_0_keeps_the_adapter_at_the_reference_and_its_kl_is_zero_and_
             assert moved > 0 and rows[-1]["kl"] > 0
 
 
+@pytest.mark.slow
 def test_grpo_micro_batches_accumulate_to_the_whole_batch_update(tiny, tmp_path, monkeypatch):
     from llada.model import load_safetensors
     varied_reward(monkeypatch)

@@ -220,6 +220,32 @@ def test_checkpoint_errors_name_the_missing_unexpected_or_misshaped_key(tmp_path
             lm.load_model(str(tmp_path))
 
 
+def test_a_tensor_in_two_shards_is_refused_naming_both_files(tmp_path, tiny):
+    state = tiny[1]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(CONFIG, f)
+    key = "model.transformer.ln_f.weight"
+    lm.save_safetensors(state, str(tmp_path / "a.safetensors"))                     # holds every tensor
+    lm.save_safetensors({key: state[key] + 1}, str(tmp_path / "b.safetensors"))     # and one again
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {**{k: "a.safetensors" for k in state}, key: "b.safetensors"}}, f)
+    with pytest.raises(lm.CheckpointError, match=f"tensor {key} is in two shards, a.safetensors and b.safetensors"):
+        lm.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor_unless_the_check_is_off(tmp_path, tiny, bad):
+    state = dict(tiny[1])
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(CONFIG, f)
+    key = "model.transformer.blocks.0.q_proj.weight"
+    state[key] = state[key].clone()
+    state[key][1, 2] = bad
+    lm.save_safetensors(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(lm.CheckpointError, match=f"tensor {key} holds non-finite values"):
+        lm.load_model(str(tmp_path))
+    assert not torch.isfinite(lm.load_model(str(tmp_path), check_finite=False).blocks[0].q_proj.weight).all()
+
 
 # ----------------------------------------------------------------------------- the sampler
 def reference_generate(model, prompt, steps, gen_length, block_length):

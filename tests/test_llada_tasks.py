@@ -130,6 +130,7 @@ def test_sudoku_test_set_is_the_same_for_every_seed_and_training_never_sees_its_
     assert test == spg_like and "3214142323414132" not in {t["solution"] for t in train}
 
 
+@pytest.mark.slow
 def test_countdown_files_in_all_three_layouts_read_alike(tmp_path):
     class Args:
         task, seed, eval, train_data = "countdown", 0, True, None
