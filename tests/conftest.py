@@ -1,7 +1,7 @@
 """Shared pytest set-up: the repository root on sys.path, the `slow` marker, the tiny LLaDA and maze base.
 
     python -m pytest              # the default run: fast tests only (about 2 minutes on 2 CPU cores)
-    python -m pytest -m slow      # the end-to-end runs and the tests over about 4 s (about 25 minutes)
+    python -m pytest -m slow      # the end-to-end runs and the tests over about 4 s (about 27 minutes)
 """
 import os
 import sys
