@@ -155,8 +155,8 @@ def measure(model, tok, items, wrong, samples=8, seed=0, a_grid=A_GRID, **sample
         out[name] = dict(shares(m), reward=r.mean().item(), reward_se=(r.mean(1).std() / len(r) ** 0.5).item())
         per[name] = dict(reward=r.mean(1).tolist(), true=(m == 0).double().mean(1).tolist(), r=r.tolist(),
                          modes=m.tolist())
-    out["tilt"] = {f"{a:g}": v for a, v in tilt_targets(torch.tensor(per["t1"]["r"]),
-                                                         torch.tensor(per["t1"]["modes"]) == 0, a_grid)[0].items()}
+        if name == "t1":
+            out["tilt"] = {f"{a:g}": v for a, v in tilt_targets(r, m == 0, a_grid)[0].items()}
     out["per_prompt"] = per
     return out
 
@@ -167,8 +167,8 @@ def realised_against(reference, result, a):
     ref, new = reference["per_prompt"]["t1"], result["per_prompt"]["t1"]
     if len(ref["r"]) != len(new["r"]):
         raise ValueError(f"the reference has {len(ref['r'])} test puzzles, this model {len(new['r'])}")
-    _, per = tilt_targets(torch.tensor(ref["r"]), torch.tensor(ref["modes"]) == 0, (a,))
     t = lambda d, k: torch.tensor(d[k], dtype=torch.float64)                          # noqa: E731
+    _, per = tilt_targets(t(ref, "r"), torch.tensor(ref["modes"]) == 0, (a,))
     return {k: realised(t(ref, k), t(new, k), per[a][j]) for j, k in enumerate(("reward", "true"))}
 
 
