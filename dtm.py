@@ -13,8 +13,8 @@ frozen model p_a (the "teacher") and their rewards. The control variate phi cuts
 
 The exact target (maze/exact.py): 2,048 cached rollouts per prompt of the base (`base_reference`)
 reweighted by e^{a r} (`tilted_means`). Each phase's health check: its own loss on held-out teacher
-rollouts, student minus teacher, against the most it can gain (`phase_objective`, `max_gain`); a phase
-that does not lower it has fitted noise. The variants that only the findings use are in maze/experiments.py.
+rollouts, student minus teacher, against the most it can gain (`phase_objective`, `phase_kl`); a phase
+that does not lower it has fitted noise. The variants that only the findings use are in lab/experiments.py.
 """
 import argparse
 import copy
@@ -91,7 +91,7 @@ def dtm_loss(logits, teacher_logits, x1, mask, reward, time_weight, eta, phi, gr
     weight lambda(t) / L the excess loss bounds KL / L of the terminal laws (Prop. 3.4).
     Z = E_a[e^{eta r}] per group, in log space: log(1/Z_g) = log n_g - logsumexp_{b in g}(eta r_b).
     The zero-mean step needs p_a(. | x_t, i) to be the posterior of the teacher's own sampling law;
-    for a teacher that is not, and for a constant added to r, see maze/FINDINGS.md.
+    for a teacher that is not, and for a constant added to r, see lab/FINDINGS_maze.md.
     """
     B = x1.shape[0]
     dt = torch.promote_types(logits.dtype, torch.float32)              # fp32 at least, fp64 if given
@@ -166,10 +166,10 @@ def phase_objective(model, teacher, held, eta, phi, chunk=256):
     return torch.cat(out).view(held["maskings"], n).mean(0)
 
 
-def max_gain(r, eta, L):
+def phase_kl(r, eta, L):
     """The most a phase can lower J: KL(p_{a+eta} || p_a) / L (Prop. 3.4, with equality for a teacher whose
     posteriors are its own law's), from rollouts r (P, h) of p_a: per prompt E_{a+eta}[eta r] - log E_a[e^{eta r}]
-    by self-normalised weights e^{eta r}, averaged over the prompts."""
+    by self-normalised weights e^{eta r}, averaged over the prompts. Logged as `max_gain`."""
     er = eta * np.asarray(r, dtype=np.float64)
     w = np.exp(er - er.max(1, keepdims=True))
     log_Z = np.log(w.mean(1)) + er.max(1)
@@ -177,9 +177,9 @@ def max_gain(r, eta, L):
 
 
 # ----------------------------------------------------------------------------- the annealing loop
-class Paper:
-    """The paper's choice at each point of `run` that a variant may change; maze/experiments.py
-    overrides these methods, and run() calls nothing else that a variant could want to change."""
+class Recipe:
+    """The paper's choice at each point of `run` that a variant may change (lab/experiments.py overrides
+    these methods); run() calls nothing else that a variant could want to change."""
     keeps_paths = False                # True: the buffer keeps the sampler's paths (drawn afresh at a = 0)
 
     def __init__(self, args):
@@ -188,17 +188,18 @@ class Paper:
     def optimizer(self, model):        # SGD: its steps shrink with the O(eta) gradient, as far as the tilt asks
         return torch.optim.SGD(model.parameters(), lr=self.args.lr, momentum=0.9)
 
-    def states(self, x1, rank, gen, L):  # forward masking (kappa(t) = t), the ELBO's hazard / L as time weight
-        x_t, mask, hazard = mask_completions(x1, gen)
+    def masked_states(self, x1, revealed_at, gen, L):   # x1 -> (x_t, mask, time weight): forward masking
+        x_t, mask, hazard = mask_completions(x1, gen)   # (kappa(t) = t), the ELBO's hazard / L
         return x_t, mask, hazard / L
 
-    def loss(self, logits, teacher_logits, x1, mask, r, tw, eta, group, r_buf):   # eq. 16, Z per prompt
-        return dtm_loss(logits, teacher_logits, x1, mask, r + self.args.r_offset, tw, eta, self.args.phi, group)
+    def loss(self, logits, teacher_logits, x1, mask, r, time_weight, eta, group, r_buf):   # eq. 16, Z per prompt
+        return dtm_loss(logits, teacher_logits, x1, mask, r + self.args.r_offset, time_weight, eta, self.args.phi,
+                        group)
 
-    def rewards_in(self, r, generator):  # the rewards (P, n) as they enter the buffer
+    def buffer_rewards(self, r, generator):   # the rewards (P, n) of new rollouts, as the buffer stores them
         return r
 
-    def eta_in_loss(self, eta):
+    def loss_eta(self, eta):           # the eta the loss tilts by (a control: ~0)
         return eta
 
     def after_step(self, model, opt, step):
@@ -208,118 +209,182 @@ class Paper:
         pass
 
 
-def run(args, variant=None):
+def run(args, recipe=None):
     """Anneal a = 0 -> a_max in steps eta from args.base; returns the history (one row per phase)."""
-    v = variant or Paper(args)
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True                       # on a GPU, TF32 matmuls (as nanoGPT)
-    np.random.seed(args.seed)
-    gen = torch.Generator(args.device).manual_seed(args.seed)         # sampling and masking, on the device
-    check = torch.Generator(args.device).manual_seed(args.seed + 10 ** 6)   # the health check's own draws:
-    # it does not change the training (the same seed trains the same model whatever --held_out_per_prompt)
-    pick = torch.Generator().manual_seed(args.seed)                     # draws from the replay buffer (CPU)
-    wall = env.make_maze()
-    prompts = env.make_prompts(wall)
-    P, M, H, dev = len(prompts), args.rollouts_per_prompt, args.held_out_per_prompt, args.device
-    os.makedirs(args.out, exist_ok=True)
-    state_path = os.path.join(args.out, "state.pt")
-    if args.base == DEFAULT_BASE and not os.path.isfile(DEFAULT_BASE):
-        steps = mdm_parser().get_default("steps")                      # as python -m maze.mdm does
-        print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({steps} steps)")
-        pretrain(Config(), steps, device=dev, out=DEFAULT_BASE)
-    ref_x, ref_r, ref_valid = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
-    L = ref_x.shape[-1]
-    a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
-
-    def record(a, x1, r, valid, extra=None):                         # measure p_a; keep its rollouts
-        np.save(rollouts_file(args.out, a), x1[:, :, -L:].reshape(-1, L).astype(np.int16))
-        history.append(measure(a, x1[:, :, -L:], r, valid, M, (ref_r, ref_valid), extra or {}))
-
-    if args.resume and os.path.isfile(state_path):
-        model, ck = load(state_path, dev)
-        history, start, (x1_all, r_all, rank_all) = ck["history"], len(ck["history"]) - 1, ck["rollouts"]
-        gen.manual_seed(args.seed + start)
-        pick.manual_seed(args.seed + start)
-        check.manual_seed(args.seed + 10 ** 6 + start)
-        print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
-    else:                              # a = 0: the base, measured by its reference; the buffer: M of those
-        model, history, start = load(args.base, dev)[0], [], 0
-        record(0.0, ref_x, ref_r, ref_valid)
-        x1_all, r_all, rank_all = with_prompts(prompts, ref_x), ref_r, None
-        if v.keeps_paths:                                              # the reference keeps no paths
-            x1_all, r_all, _, rank_all = rollouts(model, prompts, M + H, args, wall, gen)
-    perm = torch.stack([torch.randperm(x1_all.shape[1], generator=pick)[:M + H] for _ in range(P)])
-    pick_m, pick_h = (torch.arange(P)[:, None], perm[:, :M]), (torch.arange(P)[:, None], perm[:, M:])
-    r_all = torch.as_tensor(r_all, dtype=torch.float32)
-    x1_buf, r_buf = x1_all[pick_m], v.rewards_in(r_all[pick_m], pick)       # M of them per prompt, and
-    x1_held, r_held = x1_all[pick_h], r_all[pick_h]                          # H others held out
-    rank_buf = rank_all[pick_m] if rank_all is not None else None
+    recipe = recipe or Recipe(args)
+    gen, held_gen, buffer_gen = generators(args)
+    wall, prompts, ref, a_grid = setup(args)
+    P, M, L, dev = len(prompts), args.rollouts_per_prompt, ref[0].shape[-1], args.device
+    model, history, start, rollouts_k = start_or_resume(args, recipe, wall, prompts, ref, (gen, held_gen, buffer_gen))
+    buf, held = split_buffer(rollouts_k, M, args.held_out_per_prompt, recipe, buffer_gen, first=True)
     for k in range(start + 1, len(a_grid)):
-        a, eta_k = a_grid[k], a_grid[k] - a_grid[k - 1]                    # the phase's eta; the loss's:
-        eta = v.eta_in_loss(eta_k)                                        # the same, unless a control
-        t0 = time.time()
-        # the one-phase target: the teacher's own rollouts (the buffer) reweighted by e^{eta r}
-        target = tilted_means(r_buf.numpy(), (r_buf > args.invalid_reward).numpy(), eta)
+        a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
+        t0, target = time.time(), target_row(buf["r"], args, recipe.loss_eta(eta))   # the one-phase target
         # 1. freeze the teacher p_a: the model at the start of the phase, and its objective on held-out rollouts
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        held = held_out_set(x1_held.to(dev), r_held.to(dev) + args.r_offset, HELD_OUT_MASKINGS, check, L)
-        j_teacher = phase_objective(teacher, teacher, held, eta_k, args.phi)
-        # 2. the buffer (x1, r): M rollouts per prompt of p_a, just measured; 3. a fresh optimiser (as the authors')
-        opt = v.optimizer(model)
+        held_set = held_out_set(held["x1"].to(dev), held["r"].to(dev) + args.r_offset, HELD_OUT_MASKINGS, held_gen, L)
+        j_teacher = phase_objective(teacher, teacher, held_set, eta, args.phi)
+        # 2. the buffer: M rollouts per prompt of p_a with their rewards; 3. a fresh optimiser (as the authors')
+        opt, losses = recipe.optimizer(model), []
         model.train()
-        losses = []
         for step in tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
                          leave=False, disable=None):
             # 4. every refresh_every steps, replace a fraction of the buffer by new teacher rollouts
             if step and step % args.refresh_every == 0:
-                slots = torch.randperm(M, generator=pick)[:max(1, round(args.refresh_fraction * M))]
-                x1_buf[:, slots], r_new, _, rank_new = rollouts(teacher, prompts, len(slots), args, wall, gen)
-                r_buf[:, slots] = v.rewards_in(r_new, pick)
-                if rank_buf is not None:
-                    rank_buf[:, slots] = rank_new
+                refresh(buf, teacher, prompts, args, wall, recipe, gen, buffer_gen)
             # 5. a minibatch stratified by prompt (one Z per prompt), masked afresh: x1 -> x_t
-            rows, j = stratified(P, M, args.batch, pick)
-            x1, r = x1_buf[rows, j].flatten(0, 1).to(dev), r_buf[rows, j].flatten().to(dev)
-            rank = rank_buf[rows, j].flatten(0, 1).to(dev) if rank_buf is not None else None
-            x_t, mask, tw = v.states(x1, rank, gen, L)
+            rows, j = stratified(P, M, args.batch, buffer_gen)
+            x1, r = buf["x1"][rows, j].flatten(0, 1).to(dev), buf["r"][rows, j].flatten().to(dev)
+            revealed_at = buf["revealed_at"][rows, j].flatten(0, 1).to(dev) if buf["revealed_at"] is not None else None
+            x_t, mask, time_weight = recipe.masked_states(x1, revealed_at, gen, L)
             # 6. student logits, and the teacher's, only at the masked positions the loss counts
             logits = model(x_t, mask)
             with torch.no_grad():
                 teacher_logits = teacher(x_t, mask) if args.phi != 0 else None
             # 7. the phi-DTM loss (eq. 16-17) and one clipped optimiser step
-            loss = v.loss(logits, teacher_logits, x1, mask, r, tw, eta, rows.flatten().to(dev), r_buf)
+            loss = recipe.loss(logits, teacher_logits, x1, mask, r, time_weight, recipe.loss_eta(eta),
+                               rows.flatten().to(dev), buf["r"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
-            v.after_step(model, opt, step)
+            recipe.after_step(model, opt, step)
             losses.append(loss.item())
-        v.end_phase(model)
+        recipe.end_phase(model)
         train_s = time.time() - t0
-        # 8. the health check: the change of the phase's objective on its held-out rollouts, against the
-        # most it can gain; then measure p_{a+eta}: the first M rollouts are the next buffer, the next H held out
-        d = (phase_objective(model.eval(), teacher, held, eta_k, args.phi) - j_teacher).double()
+        # 8. the health check: the change of the phase's objective on its held-out rollouts, against the most
+        # it can gain; then measure p_{a+eta}: its first M rollouts per prompt are the next buffer, H held out
+        d = (phase_objective(model.eval(), teacher, held_set, eta, args.phi) - j_teacher).double()
         health = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / math.sqrt(len(d))).item(),
-                      max_gain=max_gain(r_held.numpy(), eta_k, L))
-        last = k == len(a_grid) - 1
-        x1_all, r_all, valid, rank_all = rollouts(model, prompts, max(args.end_rollouts_per_prompt, M) if last else M,
-                                                  args, wall, gen, progress=last)
-        if not last:                   # the next phase's held-out rollouts, also measured
-            x1_all, r_all, valid, rank_all = (torch.cat(z, 1) for z in zip(
-                (x1_all, r_all, valid, rank_all), rollouts(model, prompts, H, args, wall, check)))
-        record(a, x1_all.numpy(), r_all.numpy(), valid.numpy(),
-               dict(loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
-                    **health, **{f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward",
-                                                                             "reward_se")}))
-        x1_buf, r_buf = x1_all[:, :M].clone(), v.rewards_in(r_all[:, :M].clone(), pick)
-        x1_held, r_held, rank_buf = x1_all[:, M:M + H].clone(), r_all[:, M:M + H].clone(), rank_all[:, :M].clone()
-        save(model, state_path, history=history, args=vars(args), rollouts=(x1_all, r_all, rank_all))  # atomic
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(history, f, indent=1)
-    plot_run(history, args.out, wall, prompts, M, f"DTM phi={args.phi:g} eta={args.eta:g}", args.figures,
-             f"phi{args.phi:g}_eta{args.eta:g}")                     # makes args.figures
+                      max_gain=phase_kl(held["r"].numpy(), eta, L))
+        rollouts_k = measure_next(model, prompts, args, wall, gen, held_gen, last=k == len(a_grid) - 1)
+        history.append(measure_phase(args, a, rollouts_k, ref, dict(
+            loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),
+            **health, **target)))
+        buf, held = split_buffer(rollouts_k, M, args.held_out_per_prompt, recipe, buffer_gen)
+        save_phase(model, args, history, rollouts_k)
+    return finish(args, history, wall, prompts)
+
+
+# ----------------------------------------------------------------------------- the loop's bookkeeping
+def generators(args):
+    """Seed torch and numpy; three generators: sampling and masking (on the device); the health check's own
+    draws, so that it does not change the training (the same seed trains the same model whatever
+    --held_out_per_prompt); draws from the replay buffer (CPU)."""
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True                       # on a GPU, TF32 matmuls (as nanoGPT)
+    np.random.seed(args.seed)
+    return (torch.Generator(args.device).manual_seed(args.seed),
+            torch.Generator(args.device).manual_seed(args.seed + 10 ** 6), torch.Generator().manual_seed(args.seed))
+
+
+def setup(args):
+    """The maze, its prompts, the base's reference rollouts (x, r, valid; cached: maze/exact.py) and the grid
+    of a; pretrains the default base first if it is missing."""
+    wall = env.make_maze()
+    prompts = env.make_prompts(wall)
+    os.makedirs(args.out, exist_ok=True)
+    if args.base == DEFAULT_BASE and not os.path.isfile(DEFAULT_BASE):
+        steps = mdm_parser().get_default("steps")                      # as python -m maze.mdm does
+        print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({steps} steps)")
+        pretrain(Config(), steps, device=args.device, out=DEFAULT_BASE)
+    ref = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
+    return wall, prompts, ref, a_grid
+
+
+def start_or_resume(args, recipe, wall, prompts, ref, gens):
+    """(model, history, last phase done, its rollouts (x1, r, valid, revealed_at)): from OUT/state.pt with
+    --resume (the generators re-seeded for the next phase; valid not kept), else the base at a = 0, measured
+    by its reference."""
+    gen, held_gen, buffer_gen = gens
+    state_path = os.path.join(args.out, "state.pt")
+    if args.resume and os.path.isfile(state_path):
+        model, ck = load(state_path, args.device)
+        history, start = ck["history"], len(ck["history"]) - 1
+        gen.manual_seed(args.seed + start)
+        buffer_gen.manual_seed(args.seed + start)
+        held_gen.manual_seed(args.seed + 10 ** 6 + start)
+        print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
+        x1, r, revealed_at = ck["rollouts"]
+        return model, history, start, (x1, r, None, revealed_at)
+    model, history = load(args.base, args.device)[0], []
+    ref_x, ref_r, ref_valid = ref
+    history.append(measure_phase(args, 0.0, (ref_x, ref_r, ref_valid), ref, {}))
+    if recipe.keeps_paths:                                             # the reference keeps no paths
+        return model, history, 0, rollouts(model, prompts, args.rollouts_per_prompt + args.held_out_per_prompt,
+                                           args, wall, gen)
+    return model, history, 0, (with_prompts(prompts, ref_x), ref_r, ref_valid, None)
+
+
+def split_buffer(rollouts_k, M, H, recipe, buffer_gen, first=False):
+    """The buffer (M rollouts per prompt: x1, r as recipe.buffer_rewards stores them, revealed_at) and the H
+    held out of training (x1, r). At the start (first): M + H of each prompt's rollouts drawn by buffer_gen
+    (the reference holds 2,048); after a phase: the first M and the next H, as measure_next drew them."""
+    x1, r, _, revealed_at = rollouts_k
+    r = torch.as_tensor(r, dtype=torch.float32)
+    if first:
+        P = len(x1)
+        perm = torch.stack([torch.randperm(x1.shape[1], generator=buffer_gen)[:M + H] for _ in range(P)])
+        keep, out = (torch.arange(P)[:, None], perm[:, :M]), (torch.arange(P)[:, None], perm[:, M:])
+    else:
+        keep, out = (slice(None), slice(None, M)), (slice(None), slice(M, M + H))
+    buf = dict(x1=x1[keep].clone(), r=recipe.buffer_rewards(r[keep].clone(), buffer_gen),
+               revealed_at=revealed_at[keep].clone() if revealed_at is not None else None)
+    return buf, dict(x1=x1[out].clone(), r=r[out].clone())
+
+
+def refresh(buf, teacher, prompts, args, wall, recipe, gen, buffer_gen):
+    """Replace refresh_fraction of each prompt's buffer slots by new teacher rollouts (§4.1), in place."""
+    M = buf["x1"].shape[1]
+    slots = torch.randperm(M, generator=buffer_gen)[:max(1, round(args.refresh_fraction * M))]
+    buf["x1"][:, slots], r_new, _, revealed_new = rollouts(teacher, prompts, len(slots), args, wall, gen)
+    buf["r"][:, slots] = recipe.buffer_rewards(r_new, buffer_gen)
+    if buf["revealed_at"] is not None:
+        buf["revealed_at"][:, slots] = revealed_new
+
+
+def measure_next(model, prompts, args, wall, gen, held_gen, last):
+    """Rollouts of p_{a+eta} (x1, r, valid, revealed_at), (P, n, ...): M per prompt for the next buffer, then H
+    drawn by held_gen for its health check; after the last phase, end_rollouts_per_prompt (at least M)."""
+    M = args.rollouts_per_prompt
+    x1, r, valid, revealed_at = rollouts(model, prompts, max(args.end_rollouts_per_prompt, M) if last else M,
+                                         args, wall, gen, progress=last)
+    if not last:
+        x1, r, valid, revealed_at = (torch.cat(z, 1) for z in zip(
+            (x1, r, valid, revealed_at), rollouts(model, prompts, args.held_out_per_prompt, args, wall, held_gen)))
+    return x1, r, valid, revealed_at
+
+
+def measure_phase(args, a, rollouts_k, ref, extra):
+    """The history row of p_a (maze/exact.py: measure, against the base's reference ref); its completions go
+    to OUT/rollouts_a*.npy (the figures read them)."""
+    x1, r, valid = (np.asarray(z) for z in rollouts_k[:3])
+    L = ref[0].shape[-1]
+    np.save(rollouts_file(args.out, a), x1[:, :, -L:].reshape(-1, L).astype(np.int16))
+    return measure(a, x1[:, :, -L:], r, valid, args.rollouts_per_prompt, (ref[1], ref[2]), extra)
+
+
+def target_row(r_buf, args, eta):
+    """The one-phase target: the teacher's own rollouts (the buffer) reweighted by e^{eta r}."""
+    target = tilted_means(r_buf.numpy(), (r_buf > args.invalid_reward).numpy(), eta)
+    return {f"teacher_target_{q}": target[q] for q in ("validity", "validity_se", "reward", "reward_se")}
+
+
+def save_phase(model, args, history, rollouts_k):
+    """OUT/state.pt (atomic: what --resume reads) and OUT/metrics.json, after every phase."""
+    x1, r, _, revealed_at = rollouts_k
+    save(model, os.path.join(args.out, "state.pt"), history=history, args=vars(args), rollouts=(x1, r, revealed_at))
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(history, f, indent=1)
+
+
+def finish(args, history, wall, prompts):
+    """The run's figures and metrics_phi*_eta*.json (the copy the README cites) in args.figures."""
+    plot_run(history, args.out, wall, prompts, args.rollouts_per_prompt, f"DTM phi={args.phi:g} eta={args.eta:g}",
+             args.figures, f"phi{args.phi:g}_eta{args.eta:g}")       # makes args.figures
     with open(os.path.join(args.figures, f"metrics_phi{args.phi:g}_eta{args.eta:g}.json"), "w") as f:
-        json.dump(history, f, indent=1)                                # the copy the README cites
+        json.dump(history, f, indent=1)
     return history
 
 
@@ -353,10 +418,10 @@ FLAGS = {
 
 
 def parser():
-    """The paper's flags. maze/experiments.py adds its own to this parser; those of them that run()
+    """The paper's flags. lab/experiments.py adds its own to this parser; those of them that run()
     reads have their defaults here (the sampler's order and steps, the reward's penalty and offset)."""
     p = argparse.ArgumentParser(description="Discrete Tilt Matching on the 41x41 maze: python dtm.py --phi 1 --eta "
-                                            "0.1.\nThe variants and controls: python -m maze.experiments run --help.\n"
+                                            "0.1.\nThe variants and controls: python -m lab.experiments run --help.\n"
                                             "Each phase prints its health check: the change of its objective on "
                                             "held-out teacher rollouts, which must be negative by more than its "
                                             "SE;\na phase that does not lower it has fitted noise.",

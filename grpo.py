@@ -257,7 +257,7 @@ def parser():
     g.add_argument("--std", action="store_true", help="divide the advantage by the group's std (d1 does not)")
     g.add_argument("--path_states", type=int, default=2, help="--logp path: states of each path per update")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW (0.9, 0.99), no weight decay; 1e-4: the best of "
-                                                          "3e-4 and 1e-3 too, for both --logp (maze/FINDINGS.md)")
+                                                          "3e-4 and 1e-3 too, for both --logp (lab/FINDINGS_maze.md)")
     g.add_argument("--clip", type=float, default=0.2, help="gradient-norm clip (d1's max_grad_norm)")
     b = p.add_argument_group("budget, measurement and files")
     b.add_argument("--rollouts", type=int, default=1600, help="training rollouts (dtm.py's main command: 1,600)")

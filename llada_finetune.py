@@ -1,10 +1,11 @@
-"""DTM fine-tuning of LLaDA-8B-Instruct: SAR-aligned masking (paper App. C), the annealing loop and the
-command line (training, --eval, --bench).
+"""DTM fine-tuning of LLaDA-8B-Instruct, the command line: training (DTM, or d1's GRPO with --method grpo),
+--eval and --bench, on one GPU or several (torchrun), resumable.
 
-The concepts it uses live one per file: `llada/model.py` (safetensors, the network, the sampler),
-`llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts, rewards),
-`llada/protocols.py` (the paper's prompts and scorers, the evaluation loop), `llada/presets.py` (the
-presets), `llada/grpo.py` (--method grpo), `llada/bench.py` (--bench) and `dtm.py: dtm_loss` (the loss).
+It is parsing and dispatch. The concepts live one per file: `llada/trainer.py` (SAR-aligned masking, the
+annealing loop), `dtm.py: dtm_loss` (the loss, passed to the trainer), `llada/model.py` (safetensors, the
+network, the sampler), `llada/lora.py` (the adapter and its teacher copy), `llada/tasks.py` (data, prompts,
+rewards), `llada/protocols.py` (the paper's prompts and scorers, the evaluation loop), `llada/presets.py`
+(the presets), `llada/grpo.py` (--method grpo) and `llada/bench.py` (--bench).
 No `transformers`, no `peft`: torch and `tokenizers` only.
 
     # the real model (download once, with internet):  huggingface-cli download GSAI-ML/LLaDA-8B-Instruct --local-dir LLaDA-8B-Instruct
@@ -18,433 +19,29 @@ No `transformers`, no `peft`: torch and `tokenizers` only.
 """
 import argparse
 import json
-import math
 import os
-import pickle
-import signal
 import sys
-import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from dtm import dtm_loss, group_log_mean_exp
-from llada.bench import SHAPES, auto_rollout_batch, bench
+from grpo import group_advantage, grpo_loss
+from llada.bench import SHAPES, bench
 from llada.grpo import GRPOTrainer
-from llada.lora import LORA_TARGETS, add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
-from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, decode, generate, left_pad, load_model,
-                         load_tokenizer, random_model)
+from llada.lora import LORA_TARGETS
+from llada.model import CheckpointError, LLaDAConfig, random_model
 from llada.presets import D1, ELICIT, FALLBACK, PRESETS, RELEASED, TINY
-from llada.protocols import PROTOCOLS, evaluate, run_eval
-from llada.tasks import task_data
+from llada.protocols import PROTOCOLS, run_eval
+from llada.trainer import Trainer
 from maze.mdm import Help
 
 
-# ============================================================================ SAR-aligned DTM
-# The presets (PRESETS, RELEASED, TINY, FALLBACK, D1) live in llada/presets.py.
-
-
-def stratified_t(B, generator=None, device="cpu"):
-    """B times in (0, 1), one in each of B equal strata (one shared uniform offset), in random order."""
-    t = (torch.rand((), generator=generator, device=device) + torch.arange(B, device=device)) / B
-    return t[torch.randperm(B, generator=generator, device=device)]
-
-
-def sar_mask(comp, block_length, mask_id, generator=None):
-    """SAR-aligned forward process (App. C) on completions comp (B, G), as the sampler sees them:
-    an active block k ~ U{0..K-1} per sequence; blocks before k clean, blocks after k fully masked;
-    inside block k each token masked with probability 1 - kappa(t) = 1 - t, t ~ U(0, 1) stratified
-    over the batch. Only the masked tokens of block k count, with the hazard weight
-    kappa'(t) / (1 - kappa(t)) = 1 / (1 - t), divided by the block length (the constant K dropped).
-    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,)."""
-    B, G = comp.shape
-    dev = comp.device
-    k = torch.randint(G // block_length, (B,), generator=generator, device=dev)
-    t = stratified_t(B, generator, dev)
-    blk = torch.arange(G, device=dev) // block_length                  # block of each position
-    counted = (blk == k[:, None]) & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
-    x_t = torch.where(counted | (blk > k[:, None]), torch.full_like(comp, mask_id), comp)
-    return x_t, counted, 1.0 / (1.0 - t).clamp_min(1e-3) / block_length, t
-
-
-def any_order_mask(comp, mask_id, generator=None):
-    """The any-order interpolant (eq. 9), the SAR ablation of App. D.3 (--masking any_order): every
-    completion token masked with probability 1 - t, t ~ U(0, 1) stratified over the batch, whatever its
-    block; all masked tokens count, with the hazard weight 1 / (1 - t), divided by the completion length.
-    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,), as sar_mask."""
-    B, G = comp.shape
-    dev = comp.device
-    t = stratified_t(B, generator, dev)
-    counted = torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None]
-    return comp.masked_fill(counted, mask_id), counted, 1.0 / (1.0 - t).clamp_min(1e-3) / G, t
-
-
-def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1):
-    """Per phase (released code): linear warm-up over 5% of the steps, flat, linear decay over the last 10%."""
-    w, d = max(1, round(warmup * n)), max(1, round(decay * n))
-    if step < w:
-        return lr * (step + 1) / w
-    if step >= n - d:
-        return min_lr + (lr - min_lr) * (n - 1 - step) / d
-    return lr
-
-
-class Trainer:
-    """The annealing loop of DTM for LLaDA, one replay buffer per rank.
-
-    for each phase a -> a + eta:
-        teacher adapter := student adapter; fresh AdamW; LR schedule restarts
-        buffer := (prompt, completion, r) from the teacher, `completions` per prompt
-        for step in phase:  every refresh_every steps, replace refresh_prompts prompts' rollouts
-                            minibatch from the buffer, SAR-masked afresh; dtm_loss; AdamW step
-    The state (both adapters, optimizer, buffer, RNG, phase, step) is saved atomically every
-    save_every steps, at the end of each phase, on Ctrl-C and at --stop_after; --resume goes on from it.
-    """
-
-    def __init__(self, args, model=None):
-        self.args = args
-        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.device = torch.device(args.device)
-        torch.manual_seed(args.seed)                                      # LoRA's A: the same on every rank
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        base = (load_model(args.model_dir, self.device, dtype, not args.skip_finite_check) if model is None
-                else model)                                            # bench: a random one
-        self.model = add_lora(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
-        self.model.checkpointing = args.grad_checkpointing
-        self.cfg, self.tok = self.model.cfg, load_tokenizer(args.model_dir) if model is None else None
-        if args.adapter:
-            load_adapter(self.model, args.adapter)
-        self.items, self.test = task_data(args)
-        self.prompt_of, self.reward_of = (PROTOCOLS[args.protocol][k][args.task] for k in ("prompts", "rewards"))
-        self.prompt_cache = {}
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.gen = torch.Generator(self.device).manual_seed(args.seed + self.rank)
-        self.check_gen = torch.Generator(self.device).manual_seed(args.seed + self.rank + 10 ** 6)   # the health
-        # check's own draws: it does not change the training; nor do --control's shuffles
-        self.control_gen = torch.Generator(self.device).manual_seed(args.seed + self.rank + 2 * 10 ** 6)
-        torch.manual_seed(args.seed + self.rank)                          # LoRA dropout, per rank
-        n = int(math.ceil(args.a_max / args.eta - 1e-9))
-        self.a_grid = [min(k * args.eta, args.a_max) for k in range(n + 1)]
-        self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
-        self.held = None                                               # the phase's held-out rollouts
-        self.n_rollouts = 0                                            # trained on, all ranks (not the check's)
-        self.rollout_batch = None if args.rollout_batch == "auto" else args.rollout_batch
-        self.path = os.path.join(args.out, f"state_rank{self.rank}.pt")
-        self.stop = False
-
-    def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
-
-    # ---- rollouts
-    def rollout_mode(self):
-        """The adapter the rollouts come from: DTM's frozen teacher p_a (llada/grpo.py: the policy)."""
-        return teacher_mode(self.model)
-
-    @torch.no_grad()
-    def rollouts(self, prompt_ids, gen=None):
-        """`completions` rollouts of each prompt, from `rollout_mode`: {idx, comp (n, G), r (n,)}."""
-        args, C = self.args, self.args.completions
-        rows = [i for i in prompt_ids for _ in range(C)]
-        comps, rs = [], []
-        self.model.eval()
-        if self.rollout_batch is None:                                 # --rollout_batch auto, measured once
-            T = max(len(self.prompt(i)) for i in prompt_ids) + args.gen_length
-            with self.rollout_mode(), self.autocast():
-                self.rollout_batch, table = auto_rollout_batch(self.model, T, args.block_length, args.temperature)
-            print("rollout batch auto: " + ", ".join(f"{b}: {b * args.tokens_per_step / s:.0f} tokens/s"
-                                                     for b, s, _ in table) + f" -> {self.rollout_batch}")
-        for j in range(0, len(rows), self.rollout_batch):
-            chunk = rows[j:j + self.rollout_batch]
-            ids, am = left_pad([self.prompt(i) for i in chunk], self.cfg.eos_token_id, self.device)
-            with self.rollout_mode(), self.autocast():
-                comp = generate(self.model, ids, am, args.gen_length, args.gen_length // args.tokens_per_step,
-                                args.block_length, args.temperature, generator=gen or self.gen,
-                                cache=args.rollout_cache)
-            comps.append(comp)
-            rs += [self.reward_of(decode(self.tok, c, self.cfg), self.items[i])
-                   for c, i in zip(comp.tolist(), chunk)]
-        self.model.train()
-        return dict(idx=torch.tensor(rows, device=self.device), comp=torch.cat(comps),
-                    r=torch.tensor(rs, dtype=torch.float32, device=self.device))
-
-    def prompt(self, i):
-        """Token ids of training prompt i (chat template applied), tokenised once, when first drawn."""
-        if i not in self.prompt_cache:
-            self.prompt_cache[i] = chat_prompt(self.tok, self.prompt_of(self.items[i]))
-        return self.prompt_cache[i]
-
-    def draw_prompts(self, n, gen=None):
-        return torch.randint(len(self.items), (n,), generator=gen or self.gen, device=self.device).tolist()
-
-    def refresh(self):
-        """Replace the rollouts of refresh_prompts prompt slots with new prompts' (from the teacher)."""
-        args, C = self.args, self.args.completions
-        slots = torch.randperm(args.buffer_prompts, generator=self.gen, device=self.device)[:args.refresh_prompts]
-        rows = (slots[:, None] * C + torch.arange(C, device=self.device)).flatten()
-        new = self.rollouts(self.draw_prompts(len(slots)))
-        self.n_rollouts += len(new["r"]) * self.world
-        for k in self.buffer:
-            self.buffer[k][rows] = new[k]
-
-    # ---- one optimiser step
-    def inputs(self, data, rows):
-        """x1, x_t, attention mask, the counted masks and the time weight of rows of data (the buffer or the
-        held-out set): prompt + completion, SAR-masked afresh, or by data's own fixed masks (c_t, counted, tw)."""
-        args, cfg = self.args, self.cfg
-        prompts = [self.prompt(i) for i in data["idx"][rows].tolist()]
-        ids, am = left_pad(prompts, cfg.eos_token_id, self.device)
-        comp = data["comp"][rows]
-        c_t, counted, tw = (data[k][rows] for k in ("c_t", "counted", "tw")) if "c_t" in data else \
-            self.mask(comp, self.gen)[:3]
-        if args.weighting == "released":                   # 1/n over the counted masks: the hazard's mean
-            tw = 1.0 / counted.sum(1).clamp_min(1).float()
-        x1, x_t = torch.cat([ids, comp], 1), torch.cat([ids, c_t], 1)
-        am = torch.cat([am, torch.ones_like(comp)], 1)
-        where = torch.cat([torch.zeros_like(ids, dtype=torch.bool), counted], 1)  # the active block's masks
-        return x1, x_t, am, where, tw
-
-    def mask(self, comp, gen):
-        """The forward process of the loss: SAR-aligned (App. C), or --masking any_order (eq. 9)."""
-        if self.args.masking == "any_order":
-            return any_order_mask(comp, self.cfg.mask_token_id, gen)
-        return sar_mask(comp, self.args.block_length, self.cfg.mask_token_id, gen)
-
-    def loss(self, rows, eta, log_Z, r):
-        x1, x_t, am, where, tw = self.inputs(self.buffer, rows)
-        with self.autocast():
-            logits = self.model(x_t, am, where)
-            teacher_logits = None
-            if self.args.phi != 0:
-                with torch.no_grad(), teacher_mode(self.model):
-                    teacher_logits = self.model(x_t, am, where)
-        return dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, self.args.phi, log_Z=log_Z[rows])
-
-    # ---- the health check of a phase (dtm.py: phase_objective)
-    def held_out(self):
-        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, masked once (as --masking)."""
-        h = self.rollouts(self.draw_prompts(self.args.held_out_prompts, self.check_gen), self.check_gen)
-        h["c_t"], h["counted"], h["tw"], _ = self.mask(h["comp"], self.check_gen)
-        return h
-
-    @torch.no_grad()
-    def phase_objective(self, eta, student):
-        """The phase's own objective on the held-out set, per rollout (dtm.py: phase_objective): eq. 16 with
-        Z over the set (per prompt or pooled, as --z). student=False: the teacher's, at the phase's start."""
-        args, h = self.args, self.held
-        r = h["r"] - h["r"].min()
-        log_Z = group_log_mean_exp(eta * r.double(), h["idx"] if args.z == "prompt" else None)
-        self.model.eval()
-        out = []
-        for rows in torch.arange(len(r), device=self.device).split(args.micro_batch or args.batch):
-            x1, x_t, am, where, tw = self.inputs(h, rows)
-            with self.autocast():
-                with teacher_mode(self.model):
-                    teacher_logits = self.model(x_t, am, where)
-                logits = self.model(x_t, am, where) if student else teacher_logits
-            out.append(dtm_loss(logits, teacher_logits, x1, where, r[rows], tw, eta, args.phi, log_Z=log_Z[rows],
-                                per_sequence=True))
-        self.model.train()
-        return torch.cat(out).double()
-
-    def train_step(self, eta):
-        args = self.args
-        # The tilt is unchanged by a constant shift of r; shifting by the buffer's minimum makes
-        # e^{eta r} >= 1 >= phi, so every NLL weight (e^{eta r} - phi) / Z is >= 0 and the loss is
-        # bounded (dtm.py's docstring). Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
-        released = args.weighting == "released"           # the released code: r clipped at 0, e^{eta r} raw
-        r = self.buffer["r"].clamp_min(0) if released else self.buffer["r"] - self.buffer["r"].min()
-        if args.control:                                   # no tilt: the rewards moved to other rollouts
-            r = r[torch.randperm(len(r), generator=self.control_gen, device=self.device)]
-        group = self.buffer["idx"] if args.z == "prompt" else None
-        log_Z = torch.zeros_like(r) if released else group_log_mean_exp(eta * r.double(), group)
-        if args.minibatch == "tilted":
-            # Draw the rows with probability q_b = (e^{eta r_b} / Z_b) / B, the tilted buffer (eq. 11-12), and
-            # weight each by 1 / (B q_b): its log Z becomes eta r_b, so its NLL weight is 1 - phi e^{-eta r_b}
-            # and its teacher weight phi e^{-eta r_b}. The expected loss is the uniform draw's (eq. 16, the
-            # same minimiser); at large eta it no longer spends the batch on rows of weight ~0.
-            tilted = torch.exp(eta * r.double() - log_Z)
-            log_Z = eta * r.double()
-        micro = args.micro_batch or args.batch
-        total = 0.0
-        for j in range(0, args.batch, micro):
-            n = min(micro, args.batch - j)
-            rows = torch.multinomial(tilted, n, replacement=True, generator=self.gen) if args.minibatch == "tilted" \
-                else torch.randint(len(r), (n,), generator=self.gen, device=self.device)
-            loss = self.loss(rows, eta, log_Z, r) * len(rows) / args.batch    # gradient accumulation
-            loss.backward()
-            total += loss.item()
-        gnorm = self.average_and_clip()
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, args.steps_per_phase, args.lr, args.min_lr)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:                        # the released EMA of the student, every step
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p, 1 - args.ema)
-        return total, float(gnorm)
-
-    def average_and_clip(self):
-        """Average the LoRA gradients over the ranks; clip their norm; return it."""
-        if self.world > 1:
-            flat = torch.cat([p.grad.flatten() for p in self.params])
-            dist.all_reduce(flat)
-            flat /= self.world
-            off = 0
-            for p in self.params:
-                p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-        return torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
-
-    def new_optimizer(self):
-        args = self.args
-        return torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-
-    # ---- state
-    def save(self):
-        """Every rank writes its own buffer and RNG states; the adapters and AdamW, the same on every
-        rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
-        state = dict(buffer=self.buffer, held=self.held, phase=self.phase, step=self.step,
-                     global_step=self.global_step, ema=self.ema, n_rollouts=self.n_rollouts,
-                     gen=self.gen.get_state(), check_gen=self.check_gen.get_state(),
-                     control_gen=self.control_gen.get_state(), rng=torch.get_rng_state(),
-                     args=vars(self.args),
-                     cuda_rng=torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                     lora_checksum=sum(p.double().sum().item() for p in self.params))   # equal on all ranks
-        if self.rank == 0:
-            layers = lora_layers(self.model)
-            state.update(student={n: (m.lora_A.detach(), m.lora_B.detach()) for n, m in layers.items()},
-                         teacher={n: (m.teacher_A, m.teacher_B) for n, m in layers.items()},
-                         opt=self.opt.state_dict() if self.opt else None)
-        torch.save(state, self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
-
-    def load(self):
-        shared_path = os.path.join(self.args.out, "state_rank0.pt")
-        try:
-            s = torch.load(self.path, map_location=self.device, weights_only=True)
-            shared = s if self.rank == 0 else torch.load(shared_path, map_location=self.device,
-                                                        weights_only=True)
-            if shared["global_step"] != s["global_step"]:
-                raise ValueError(f"{shared_path} is at step {shared['global_step']}, this rank's file at "
-                                 f"{s['global_step']} (a crash between two saves?)")
-            with torch.no_grad():
-                for n, m in lora_layers(self.model).items():
-                    (A, B), (tA, tB) = shared["student"][n], shared["teacher"][n]
-                    m.lora_A.copy_(A)
-                    m.lora_B.copy_(B)
-                    m.teacher_A.copy_(tA)
-                    m.teacher_B.copy_(tB)
-        except pickle.UnpicklingError:
-            raise CheckpointError(f"{self.path}: cannot resume (corrupt, or not a state file of this "
-                                  f"script)") from None
-        except (OSError, RuntimeError, KeyError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: cannot resume ({str(e).splitlines()[0]})") from None
-        self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
-        self.held, self.n_rollouts = s.get("held"), s.get("n_rollouts", 0)
-        if shared["opt"] is not None:
-            self.opt = self.new_optimizer()
-            self.opt.load_state_dict(shared["opt"])
-        self.ema = s.get("ema")
-        self.gen.set_state(s["gen"].cpu())
-        for k in ("check_gen", "control_gen"):
-            if k in s:
-                getattr(self, k).set_state(s[k].cpu())
-        torch.set_rng_state(s["rng"].cpu())
-        if s.get("cuda_rng") is not None:                              # LoRA dropout on the GPU
-            torch.cuda.set_rng_state(s["cuda_rng"].cpu(), self.device)
-
-    def test_accuracy(self, **at):
-        """--phase_eval: the student on the first test items, as --eval scores them; logged with `at` (e.g. the
-        phase and its a) and the training seconds so far (the evaluations' own time left out)."""
-        args, t0 = self.args, time.time()
-        acc = evaluate(self.model, self.tok, args.task, self.test[:args.phase_eval], args.eval_lengths[0],
-                       args.eval_batch, args.block_length, args.protocol)[PROTOCOLS[args.protocol]["scorer"]]
-        self.model.train()
-        self.eval_s += time.time() - t0
-        self.log(**at, seconds=round(time.time() - self.t_start - self.eval_s, 1), test=acc)
-        if self.rank == 0:
-            print(", ".join(f"{k} = {v:g}" for k, v in at.items()) + f": test accuracy {acc['acc']:.3f} ± "
-                  f"{acc['se']:.3f} (all right: {acc['whole']:.3f} ± {acc['whole_se']:.3f}, {acc['n']} items)")
-
-    def log(self, **row):
-        if self.rank == 0:
-            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # ---- the loop
-    def run(self):
-        args = self.args
-        os.makedirs(args.out, exist_ok=True)
-        self.t_start, self.eval_s = time.time(), 0.0                   # the clock of --phase_eval's log
-        if args.resume and os.path.isfile(self.path):
-            self.load()
-            print(f"rank {self.rank}: resumed from {self.path} at phase {self.phase}, step {self.step}")
-        previous = signal.signal(signal.SIGINT, self.on_interrupt)
-        try:
-            if args.phase_eval and self.phase == 1 and self.step == 0:
-                self.test_accuracy(phase=0, a=0.0, rollouts=0)          # the base
-            while self.phase < len(self.a_grid):
-                k, t0 = self.phase, time.time()
-                eta = self.a_grid[k] - self.a_grid[k - 1]
-                if self.step == 0:                                      # start of a phase
-                    snapshot_teacher(self.model)                        # p_a := the current model
-                    self.ema = [p.detach().clone() for p in self.params] if args.ema else None
-                    self.opt = self.new_optimizer()
-                    self.buffer = self.rollouts(self.draw_prompts(args.buffer_prompts))
-                    self.n_rollouts += len(self.buffer["r"]) * self.world
-                    if args.held_out_prompts:
-                        self.held = self.held_out()
-                        self.held["j_teacher"] = self.phase_objective(eta, student=False)
-                    self.log(phase=k, a=self.a_grid[k - 1], buffer_reward=self.buffer["r"].mean().item(),
-                             rollout_s=round(time.time() - t0, 1))
-                bar = tqdm(total=args.steps_per_phase, initial=self.step, disable=self.rank != 0,
-                           desc=f"phase {k}/{len(self.a_grid) - 1} a->{self.a_grid[k]:g}")
-                while self.step < args.steps_per_phase:
-                    if self.step and self.step % args.refresh_every == 0:
-                        self.refresh()
-                    loss, gnorm = self.train_step(eta)
-                    self.step, self.global_step = self.step + 1, self.global_step + 1
-                    self.log(phase=k, step=self.step, global_step=self.global_step, loss=loss, grad_norm=gnorm,
-                             lr=self.opt.param_groups[0]["lr"], buffer_reward=self.buffer["r"].mean().item())
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss:.4f}", r=f"{self.buffer['r'].mean().item():.3f}")
-                    if self.stop or (args.stop_after and self.global_step >= args.stop_after):
-                        self.save()
-                        print(f"rank {self.rank}: stopped at phase {k}, step {self.step}; saved {self.path}")
-                        return
-                    if args.save_every and self.global_step % args.save_every == 0:
-                        self.save()
-                bar.close()
-                if self.ema is not None:                                # released: the EMA becomes
-                    with torch.no_grad():                               # the student (and so the
-                        for e, p in zip(self.ema, self.params):         # next phase's teacher)
-                            p.copy_(e)
-                if args.held_out_prompts and self.held is not None:        # the health check
-                    d = self.phase_objective(eta, student=True) - self.held["j_teacher"]
-                    check = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / len(d) ** 0.5).item())
-                    self.log(phase=k, a=self.a_grid[k], **check)
-                    if self.rank == 0:
-                        x, se = check["held_out_change"], check["held_out_change_se"]
-                        print(f"phase {k}: held-out objective change {x:.2e} ± {se:.1e}: " +
-                              ("below 0 by more than its SE, the phase learned" if x < -se else
-                               "not below 0 by its SE, the phase fitted noise"))
-                if args.phase_eval:
-                    self.test_accuracy(phase=k, a=self.a_grid[k], rollouts=self.n_rollouts)
-                self.phase, self.step = self.phase + 1, 0
-                self.save()
-                if self.rank == 0:
-                    save_adapter(self.model, os.path.join(args.out, "adapter"), args.lora_r, args.lora_alpha,
-                                 args.lora_dropout)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def on_interrupt(self, *_):
-        if self.stop:                                                   # a second Ctrl-C: abort now
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nCtrl-C: saving after this step (press again to abort without saving)")
+def make_trainer(args, model=None):
+    """The trainer of args.method: DTM's with dtm.py's loss, or d1's (llada/grpo.py) on it with grpo.py's.
+    The library takes the losses as arguments, so that it imports no script."""
+    t = Trainer(args, dtm_loss, group_log_mean_exp, model)
+    return GRPOTrainer(t, grpo_loss, group_advantage) if args.method == "grpo" else t
 
 
 # ============================================================================ the command line
@@ -496,7 +93,15 @@ def parser():
     p.add_argument("--eval_lengths", type=int, nargs="+", help="generation lengths (default: 256 512)")
     p.add_argument("--eval_batch", type=int, help="prompts per sampling batch (default: 8)")
     p.add_argument("--eval_limit", type=int, default=0, help="first N test items only (0: all)")
-    g = p.add_argument_group("DTM (a flag with no default shown takes the task's preset: the epilog)")
+    dtm_flags(p.add_argument_group("DTM (a flag with no default shown takes the task's preset: the epilog)"))
+    grpo_flags(p.add_argument_group("--method grpo: diffu-GRPO, d1's RL baseline (llada/grpo.py); unset flags take "
+                                    "d1's released values (tiny: the same loop, sized for the small LLaDA)"))
+    model_flags(p.add_argument_group("sampling and model"))
+    return p
+
+
+def dtm_flags(g):
+    """DTM's flags (paper §3, App. C-D.2)"""
     g.add_argument("--preset", choices=["paper", "released", "tiny", "elicit"], default="paper",
                    help="paper: App. D.2 (all tasks); released: the authors' Countdown and Sudoku configs; "
                         "tiny: Sudoku on a small LLaDA made by python -m llada.sft, 2 CPU cores; elicit: tiny's "
@@ -543,8 +148,10 @@ def parser():
     g.add_argument("--phase_eval", type=int, help="evaluate the student on the first N test items (the --eval "
                                                   "protocol, first --eval_lengths) at the start and after "
                                                   "every phase, into metrics.jsonl (default: 0, off)")
-    r = p.add_argument_group("--method grpo: diffu-GRPO, d1's RL baseline (llada/grpo.py); unset flags take "
-                             "d1's released values (tiny: the same loop, sized for the small LLaDA)")
+
+
+def grpo_flags(r):
+    """--method grpo's flags (d1's names)"""
     r.add_argument("--method", choices=["dtm", "grpo"], default="dtm", help="the fine-tuning method")
     r.add_argument("--beta", type=float, help="KL coefficient to the reference (d1: 0.04)")
     r.add_argument("--mu", type=int, help="updates per batch of rollouts (d1: 12)")
@@ -555,7 +162,10 @@ def parser():
     r.add_argument("--ref_sync", type=int, help="iterations between re-syncs of the reference to the policy "
                                                 "(d1: 64 steps = 5 iterations of 12; 0: never)")
     r.add_argument("--eval_every", type=int, default=2, help="--phase_eval: iterations between evaluations")
-    s = p.add_argument_group("sampling and model")
+
+
+def model_flags(s):
+    """The sampler's, LoRA's and the run's flags"""
     s.add_argument("--gen_length", type=int, help="completion tokens of a rollout (default: 256)")
     s.add_argument("--block_length", type=int, help="semi-autoregressive block (default: 32)")
     s.add_argument("--tokens_per_step", type=int, help="rollout steps = gen_length / this (default: 2)")
@@ -575,7 +185,6 @@ def parser():
     s.add_argument("--seed", type=int, default=0, help="seeds data, masking, sampling (rank r: seed + r)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: bf16 weights and autocast; cpu: float32")
-    return p
 
 
 def parse(argv=None):
@@ -621,7 +230,7 @@ def main(argv=None):
             dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
             model = random_model(LLaDAConfig(**SHAPES[args.bench_shape]), args.device, dtype) \
                 if args.bench_shape else None
-            bench(args, Trainer(args, model))
+            bench(args, make_trainer(args, model))
         elif args.eval:
             run_eval(args)
         else:
@@ -629,7 +238,7 @@ def main(argv=None):
                 os.makedirs(args.out, exist_ok=True)
                 with open(os.path.join(args.out, "args.json"), "w") as f:
                     json.dump(vars(args), f, indent=1)
-            (GRPOTrainer(Trainer(args)) if args.method == "grpo" else Trainer(args)).run()
+            make_trainer(args).run()
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     finally:
@@ -639,3 +248,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

@@ -50,7 +50,7 @@ def bench(args, t):
     over the whole sequence (64 prompt + gen_length tokens) with float64 logits on one block and the
     proposal there at --temperature (`sampling_step`), which the exact sampler makes
     gen_length / tokens_per_step times; a training step is teacher + student forward,
-    backward and AdamW on `batch` sequences, with the Trainer `t` (llada_finetune.py) on a random buffer."""
+    backward and AdamW on `batch` sequences, with the Trainer `t` (llada/trainer.py) on a random buffer."""
     dev = torch.device(args.device)
     cuda, dtype = dev.type == "cuda", torch.bfloat16 if dev.type == "cuda" else torch.float32
     sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)

@@ -1,5 +1,6 @@
 """diffu-GRPO (d1) for LLaDA, beside DTM: the same Trainer's rollouts, LoRA, sampler, rewards and evaluation;
-only the loss (grpo.py: `grpo_loss`, `group_advantage`) and the update schedule differ.
+only the loss (grpo.py's `grpo_loss` and `group_advantage`, passed in by llada_finetune.py: the library
+imports no script) and the update schedule differ.
 
     python llada_finetune.py --model_dir runs/tiny/base --task sudoku --preset tiny --method grpo
     python llada_finetune.py --model_dir LLaDA-8B-Instruct --task sudoku --method grpo     # d1's released sizes
@@ -21,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from grpo import group_advantage, grpo_loss
 from llada.lora import save_adapter, snapshot_teacher, teacher_mode
 from llada.model import left_pad
 
 
 class GRPOTrainer:
-    """d1's loop on a Trainer (llada_finetune.py): it borrows the trainer's model, adapters, data, rollouts
-    and evaluation, and replaces its phases by GRPO iterations."""
+    """d1's loop on a Trainer (llada/trainer.py): it borrows the trainer's model, adapters, data, rollouts
+    and evaluation, and replaces its phases by GRPO iterations. grpo_loss, group_advantage: grpo.py's."""
 
-    def __init__(self, trainer):
-        self.t = trainer
+    def __init__(self, trainer, grpo_loss, group_advantage):
+        self.t, self.grpo_loss, self.group_advantage = trainer, grpo_loss, group_advantage
         trainer.rollout_mode = contextlib.nullcontext                  # rollouts from the policy itself
         m = trainer.cfg
         self.stop_ids = {m.eos_token_id} | ({trainer.tok.token_to_id("<|eot_id|>")} - {None})
@@ -80,7 +80,7 @@ class GRPOTrainer:
                 snapshot_teacher(t.model)
             # 1. G rollouts per prompt from the current policy
             data = t.rollouts(t.draw_prompts(a.grpo_prompts))
-            adv = group_advantage(data["r"].view(-1, a.completions)).flatten()
+            adv = self.group_advantage(data["r"].view(-1, a.completions)).flatten()
             # 2. mu surrogate inputs, and the old policy's and the reference's log q there, before any update
             inputs = []
             t.model.eval()
@@ -101,7 +101,7 @@ class GRPOTrainer:
                     sel, share = torch.isin(seq_all, rows), len(rows) / len(adv)    # rows' tokens; their share
                     lp = self.logp(x1[rows], x_in[rows], am[rows], where[rows])
                     seq = where[rows].nonzero()[:, 0]
-                    loss, kl = grpo_loss(lp, old[sel], ref[sel], adv[rows], seq, weight[rows], a.eps, a.beta)
+                    loss, kl = self.grpo_loss(lp, old[sel], ref[sel], adv[rows], seq, weight[rows], a.eps, a.beta)
                     (loss * share).backward()
                     loss_sum, kl_sum = loss_sum + loss.item() * share, kl_sum + kl.item() * share
                 gnorm = t.average_and_clip()

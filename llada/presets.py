@@ -34,7 +34,7 @@ RELEASED = dict(
 for cfg in RELEASED.values():
     cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"])
 # --preset tiny: the same loop sized for 2 CPU cores and a small LLaDA made by `python -m llada.sft`
-# (llada/README.md, "A small LLaDA on 4x4 Sudoku"): short answers, 3 blocks of 8, a low-rank adapter.
+# (lab/FINDINGS_llada.md, "A small LLaDA on 4x4 Sudoku"): short answers, 3 blocks of 8, a low-rank adapter.
 # The paper's reading of the Sudoku tilt (greedy, one completion per prompt, Z over the buffer): of the
 # two, the one that kept the base's accuracy and beat its control (3 seeds); neither raised it.
 TINY = dict(
@@ -44,9 +44,9 @@ TINY = dict(
                 rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
 )
 # --preset elicit: the small LLaDA made from SFT data of mixed quality (python -m llada.sft --mix 0.5), whose
-# right solver is a minority of its samples (llada/README.md, "Eliciting a minority skill"). Temperature-1
+# right solver is a minority of its samples (lab/FINDINGS_llada.md, "Eliciting a minority skill"). Temperature-1
 # rollouts, 8 per prompt, Z per prompt; two large steps of the tilt (eta 50 at rewards in [0, 2]: each
-# phase is close to distilling each prompt's best rollout, as a round of llada/rft.py is); a phase's
+# phase is close to distilling each prompt's best rollout, as a round of lab/rft.py is); a phase's
 # buffer is 256 prompts' rollouts, never refreshed (refresh_every = the phase's steps); rows drawn from
 # the tilted buffer (--minibatch tilted), so that the batch is not spent on rollouts of weight ~0.
 ELICIT = dict(
@@ -62,7 +62,7 @@ FALLBACK = dict(micro_batch=0, weighting="paper", minibatch="uniform", ema=0.0, 
 
 # d1's released settings (its train.yaml and run.sh: 6 completions, 2 prompts per step, mu 12, the reference
 # re-synced every 64 steps) for the 8B (iterations: ours), and the same loop sized for the small Sudoku LLaDA
-# (10 iterations: DTM's 1,280 rollouts; lr 3e-4: the best of three trials, llada/README.md). --method grpo
+# (10 iterations: DTM's 1,280 rollouts; lr 3e-4: the best of three trials, lab/FINDINGS_llada.md). --method grpo
 # takes these where no flag sets them, before the preset's values.
 D1 = dict(paper=dict(completions=6, temperature=0.9, lr=3e-6, clip=0.2, beta=0.04, mu=12, eps=0.5, grpo_prompts=2,
                      iterations=1000, ref_sync=64 // 12),

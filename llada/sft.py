@@ -14,14 +14,14 @@ tokens and chat template). So the small model goes through exactly the code path
 
 Sudoku (4x4): the prompt is `--protocol`'s (default `short`: one line) in the chat template; the response
 is `<answer>\\n{16 digits}\\n</answer>`, then end-of-text to --gen_length. `--grids K` trains on fresh
-puzzles of only K of the 200 training grids, a base that is weak for a structural reason (llada/README.md).
+puzzles of only K of the 200 training grids, a base that is weak for a structural reason (lab/FINDINGS_llada.md).
 
 SFT data from sources of mixed quality (`--mix M`): each response is the true solution with probability M,
 and otherwise the answer of a plausible wrong solver, `llada/tasks.py: sudoku_row_only` (each row's empty
 cells get the row's missing digits in increasing order; columns and boxes ignored; 0.47 of the test cells
 right on its own). The base then holds the right solver as a minority, the setting where a reward can
-raise what a model already does unreliably (llada/README.md, "Eliciting a minority skill"). The mixture is
-recorded in the directory's sft.json (`mix`, `wrong_solver`), which `python -m llada.modes` reads.
+raise what a model already does unreliably (lab/FINDINGS_llada.md, "Eliciting a minority skill"). The mixture is
+recorded in the directory's sft.json (`mix`, `wrong_solver`), which `python -m lab.modes` reads.
 
     python -m llada.sft --task sudoku --out runs/tiny_sudoku --grids 8          # a new 0.9M LLaDA, 2 cores
     python -m llada.sft --task sudoku --model_dir runs/tiny_sudoku --out runs/tiny_more --steps 500

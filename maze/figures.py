@@ -6,9 +6,9 @@ history to OUT/metrics.json; from them:
                   (the same as a goes up) and curves_*.png (validity, reward and diversity against a,
                   next to the exact tilt of the base, with ±1 standard-error bands and bars, and each
                   phase's health check);
-  - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `python -m maze.experiments
+  - `plot_sweep`: sweep.png, the last rollouts of prompt 0 for every run of `python -m lab.experiments
                   sweep`, rows and columns labelled, with every prompt's valid share under each panel;
-  - `plot_budget`: budget_eta*.png, the health check and realised fraction of `python -m maze.experiments
+  - `plot_budget`: budget_eta*.png, the health check and realised fraction of `python -m lab.experiments
                   budget` against the compute of a phase.
 """
 import os
@@ -150,7 +150,7 @@ def plot_sweep(panels, base_path, wall, prompts, per_prompt, rows, cols, title, 
 
 
 def plot_budget(rows, title, png):
-    """`python -m maze.experiments budget`: each seed's held-out change over the most a phase can gain
+    """`python -m lab.experiments budget`: each seed's held-out change over the most a phase can gain
     (left) and realised fraction of validity (right) against the phase's compute, one colour per buffer size,
     hollow markers for several maskings per rollout."""
     plt = pyplot()

@@ -413,7 +413,7 @@ def pretrain(cfg, steps, batch=128, lr=2e-3, paths_per_prompt=4000, seed=0, devi
 
 
 class Help(argparse.RawDescriptionHelpFormatter):
-    """The --help of dtm.py, grpo.py, maze/mdm.py, maze/experiments.py and llada_finetune.py: each flag's default
+    """The --help of dtm.py, grpo.py, maze/mdm.py, lab/experiments.py and llada_finetune.py: each flag's default
     after its help, 0 included; none where there is nothing to show (None, a store_true's False) or
     where the help already names it. Descriptions and epilogs keep their own line breaks."""
 

@@ -1,11 +1,12 @@
-"""maze/capacity.py: the widened network computes the same function, and the freeze trains only what it names."""
+"""lab/capacity.py: the widened network computes the same function, and the freeze trains only what it names."""
 import os
 
 import numpy as np
 import torch
 
 import dtm
-from maze import capacity, env, exact
+from maze import env, exact
+from lab import capacity
 from maze.mdm import MDM, Config, load, mask_completions, save
 from test_dtm_cli import FAST, TINY, parse
 

@@ -1,6 +1,6 @@
 """The documents cannot drift from the code: every `python ...` and `torchrun ...` command in README.md,
-maze/FINDINGS.md and llada/README.md parses with its own script's parser (nothing is run), and every
-file and figure they name exists. Square brackets in a command mark optional flags ([--seed S]) and
+llada/README.md and the lab's documents (lab/README.md, FINDINGS_maze.md, FINDINGS_llada.md) parses with
+its own script's parser (nothing is run), and every file and figure they name exists. Square brackets in a command mark optional flags ([--seed S]) and
 are dropped; a trailing "..." stands for flags given earlier in the same paragraph.
 """
 import argparse
@@ -13,25 +13,26 @@ import pytest
 import dtm
 import grpo
 import llada_finetune
-from llada import cache_agreement, modes, rft, sft, sudoku_report
-from maze import capacity, experiments, mdm, refit, rl_report
+from lab import cache_agreement, capacity, experiments, modes, refit, rft, rl_report, sudoku_report
+from llada import sft
+from maze import mdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "maze/FINDINGS.md", "llada/README.md"]
+DOCS = ["README.md", "lab/README.md", "lab/FINDINGS_maze.md", "lab/FINDINGS_llada.md", "llada/README.md"]
 PARSERS = {"dtm.py": lambda a: dtm.parser().parse_args(a),
            "grpo.py": lambda a: grpo.parser().parse_args(a),
-           "-m maze.rl_report": lambda a: rl_report.parser().parse_args(a),
-           "-m maze.experiments": lambda a: experiments.parser().parse_args(a),
+           "-m lab.rl_report": lambda a: rl_report.parser().parse_args(a),
+           "-m lab.experiments": lambda a: experiments.parser().parse_args(a),
            "-m maze.mdm": lambda a: mdm.parser().parse_args(a),
-           "-m maze.capacity": capacity.parse,
-           "-m maze.refit": lambda a: refit.parser().parse_args(a),
-           "-m llada.cache_agreement": lambda a: cache_agreement.parser().parse_args(a),
+           "-m lab.capacity": capacity.parse,
+           "-m lab.refit": lambda a: refit.parser().parse_args(a),
+           "-m lab.cache_agreement": lambda a: cache_agreement.parser().parse_args(a),
            "-m llada.sft": lambda a: sft.parser().parse_args(a),
-           "-m llada.modes": lambda a: modes.parser().parse_args(a),
-           "-m llada.rft": lambda a: rft.parser().parse_args(a),
-           "-m llada.sudoku_report": lambda a: sudoku_report.parser().parse_args(a),
+           "-m lab.modes": lambda a: modes.parser().parse_args(a),
+           "-m lab.rft": lambda a: rft.parser().parse_args(a),
+           "-m lab.sudoku_report": lambda a: sudoku_report.parser().parse_args(a),
            "llada_finetune.py": lambda a: llada_finetune.parser().parse_args(a)}
-NO_ARGS = ("tests/tabular.py", "-m maze.env")
+NO_ARGS = ("lab/tabular.py", "-m maze.env")
 
 
 def commands(path):
@@ -117,7 +118,7 @@ def test_no_table_row_is_split_by_a_pipe_inside_code(doc):
 
 
 def test_the_elicit_results_file_has_a_row_per_run_and_the_readme_shows_its_table():
-    """figures/elicit.json (python -m llada.sudoku_report --json): one row per run with the fields a reader
+    """figures/elicit.json (python -m lab.sudoku_report --json): one row per run with the fields a reader
     needs, at least 3 seeds per method, and README.md's table is results_table of those rows, line by line."""
     import json
     rows = json.load(open(os.path.join(ROOT, "figures", "elicit.json")))
@@ -131,3 +132,27 @@ def test_the_elicit_results_file_has_a_row_per_run_and_the_readme_shows_its_tabl
     readme = open(os.path.join(ROOT, "README.md")).read()
     for line in sudoku_report.results_table(rows):
         assert line in readme, line
+
+
+def imported_modules(path):
+    """The top-level names of every module a file imports (import x.y, from x.y import z: x)."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(f"{d}/{f}" for d in ("maze", "llada") for f in os.listdir(os.path.join(ROOT, d))
+                                        if f.endswith(".py")))
+def test_the_library_imports_no_script_and_not_the_lab(path):
+    assert not imported_modules(path) & {"dtm", "grpo", "llada_finetune", "lab"}
+
+
+@pytest.mark.parametrize("path", ["dtm.py", "grpo.py", "llada_finetune.py"])
+def test_the_scripts_do_not_import_the_lab(path):
+    assert "lab" not in imported_modules(path)

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--a_max", "0.2", "--eta", "0.1", "--steps_per_phase", "3", "--batch", "16",
         "--rollouts_per_prompt", "2", "--refresh_every", "2",
         "--end_rollouts_per_prompt", "3", "--reference_per_prompt", "4", "--held_out_per_prompt", "2"]
-FAST = ["--sample_steps", "4"]                 # maze/experiments.py's flag: 4 sampler steps, not 64
+FAST = ["--sample_steps", "4"]                 # lab/experiments.py's flag: 4 sampler steps, not 64
 
 
 def parse(argv):
@@ -139,7 +139,7 @@ def test_realised_fraction_of_the_exact_gain():
     (["--phi", "2"], "--phi must be in [0, 1]"),
     (["--base", "no/such/file.pt"], "checkpoint not found: no/such/file.pt"),
     (["--batch", "12"], "--batch must be a positive multiple of the 8 prompts"),
-    (["-m", "maze.experiments", "run", "--invalid_reward", "0"], "--invalid_reward must be < 0"),
+    (["-m", "lab.experiments", "run", "--invalid_reward", "0"], "--invalid_reward must be < 0"),
 ])
 def test_bad_input_gives_one_line_error_not_traceback(args, message):
     res = run_cli(*args[3:], script=" ".join(args[:3])) if args[0] == "-m" else run_cli(*args)
@@ -179,12 +179,13 @@ def test_help_lists_the_main_flags():
 
 
 def test_every_clis_help_shows_each_default_once_zero_included_and_never_none():
-    """One help formatter (maze.mdm.Help) for dtm.py, maze/mdm.py, maze/experiments.py, llada_finetune.py, grpo.py."""
+    """One help formatter (maze.mdm.Help) for dtm.py, maze/mdm.py, lab/experiments.py, llada_finetune.py, grpo.py."""
     import re
 
     import grpo
     import llada_finetune
-    from maze import experiments, mdm
+    from lab import experiments
+    from maze import mdm
     for name, p in (("dtm", dtm.parser()), ("mdm", mdm.parser()), ("experiments", experiments.parser()),
                     ("llada", llada_finetune.parser()), ("grpo", grpo.parser())):
         text = p.format_help()
@@ -198,7 +199,7 @@ def test_every_clis_help_shows_each_default_once_zero_included_and_never_none():
 
 
 def test_dtm_py_keeps_to_the_papers_flags():
-    """At most 20 flags: the variants that only the findings use live in maze/experiments.py."""
+    """At most 20 flags: the variants that only the findings use live in lab/experiments.py."""
     flags = [a for a in dtm.parser()._actions if a.option_strings and a.dest != "help"]
     assert len(flags) <= 20
     assert not {"control", "shuffle_rewards", "centred", "states", "weighting", "ema"} & {a.dest for a in flags}
@@ -218,10 +219,10 @@ def test_sampler_is_seeded_and_reveals_every_token(tiny_base):
 @pytest.mark.slow
 def test_main_command_beats_a_same_seed_control_without_tilt(tmp_path):
     """`python dtm.py --phi 1 --eta 0.1` end to end, next to the same run with eta ~ 0 in the loss
-    (`python -m maze.experiments run --control`): the tilt, not the training itself, must raise the reward. About 2 x 7 minutes
+    (`python -m lab.experiments run --control`): the tilt, not the training itself, must raise the reward. About 2 x 7 minutes
     (measured: reward -0.306 ± 0.012 against -0.364 ± 0.012)."""
     ends = {}
-    for name, script in (("dtm", "dtm.py"), ("control", "-m maze.experiments run --control")):
+    for name, script in (("dtm", "dtm.py"), ("control", "-m lab.experiments run --control")):
         out = str(tmp_path / name)
         res = run_cli("--out", out, script=script)
         assert res.returncode == 0, res.stderr[-2000:]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dtm import dtm_loss, group_log_mean_exp, max_gain
+from dtm import dtm_loss, group_log_mean_exp, phase_kl
 from maze.mdm import PROMPT_LEN, elbo_loss
 
 V, L = 3, 3
@@ -109,7 +109,7 @@ def test_minimising_expected_dtm_loss_over_free_logits_recovers_tilted_posterior
 def test_the_most_a_phase_can_lower_its_objective_is_the_kl_of_the_tilt_per_token():
     """Prop. 3.4 with equality: with exact posteriors (a self-consistent teacher) and the ELBO's hazard time
     weight, the phase objective falls from the teacher to the tilted posteriors by exactly
-    KL(p_{a+eta} || p_a) / L, the bound `max_gain` estimates from rollouts (here: exact on equal-weight ones)."""
+    KL(p_{a+eta} || p_a) / L, the bound `phase_kl` estimates from rollouts (here: exact on equal-weight ones)."""
     seqs, p_a, r, patterns = toy(2)
     eta = 0.8
     x1, mask, x_t, state, _ = batch_of_all_states(seqs, p_a, patterns)
@@ -132,7 +132,7 @@ def test_the_most_a_phase_can_lower_its_objective_is_the_kl_of_the_tilt_per_toke
     assert kl > 0.01                                                       # a gain that could be missed
     rows = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     q = torch.softmax(eta * rows, 1)                                      # 3 prompts, 5 equal-weight rollouts
-    assert max_gain(rows.numpy(), eta, L) == pytest.approx((q * (q * 5).log()).sum(1).mean().item() / L, rel=1e-12)
+    assert phase_kl(rows.numpy(), eta, L) == pytest.approx((q * (q * 5).log()).sum(1).mean().item() / L, rel=1e-12)
 
 
 def test_per_sequence_terms_average_to_the_loss():
@@ -221,7 +221,7 @@ def test_phi0_is_reward_weighted_elbo_with_per_group_Z():
 def test_phi1_large_eta_with_Z_per_prompt_is_cross_entropy_on_each_prompts_best_rollout():
     """eta -> infinity, phi = 1, Z per prompt: e^{eta r} / Z -> n_g on a prompt's best rollout and -> 0 on the
     rest, and the teacher term phi / Z -> 0. So the loss is (1/B) sum_g n_g tw CE(best of g): rejection-sampling
-    fine-tuning (llada/rft.py) with DTM's masking and time weight. Equal bests share the prompt's n_g.
+    fine-tuning (lab/rft.py) with DTM's masking and time weight. Equal bests share the prompt's n_g.
     (It needs r >= 0: with e^{eta r} < phi the weight phi / Z would grow without bound instead.)"""
     x1, mask, logits, reward, tw, group = random_batch()
     teacher = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=logits.dtype)
@@ -296,7 +296,7 @@ def test_phi1_control_variate_is_not_shift_invariant():
 
 
 def centred(logits, teacher, x1, mask, reward, tw, eta, phi, group):
-    """maze/experiments.py --centred: eq. 17's coefficient phi Z, a function of the prompt (the group)."""
+    """lab/experiments.py --centred: eq. 17's coefficient phi Z, a function of the prompt (the group)."""
     log_Z = group_log_mean_exp(eta * reward, group)
     return dtm_loss(logits, teacher, x1, mask, reward, tw, eta, phi * torch.exp(log_Z), group, log_Z)
 

@@ -1,11 +1,11 @@
-"""DTM's claims checked exactly on an enumerable MDM (tests/tabular.py): V = 3 tokens, L = 4 positions."""
+"""DTM's claims checked exactly on an enumerable MDM (lab/tabular.py): V = 3 tokens, L = 4 positions."""
 import functools
 import math
 
 import pytest
 import torch
 
-import tabular as T
+from lab import tabular as T
 
 
 @functools.lru_cache(maxsize=None)

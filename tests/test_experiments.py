@@ -1,4 +1,4 @@
-"""maze/experiments.py: the variants of dtm.py's loop that the findings use, the sweep, and the controls."""
+"""lab/experiments.py: the variants of dtm.py's loop that the findings use, the sweep, and the controls."""
 import json
 import os
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dtm
-from maze import env, exact, experiments, noise
+from maze import env, exact
+from lab import experiments, noise
 from maze.mdm import load, mask_completions, sample
 from test_dtm_cli import FAST, TINY
 
@@ -152,7 +153,7 @@ def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path
 
 @pytest.mark.slow
 def test_run_with_no_variant_flag_is_dtm_py_itself(tiny_base, tmp_path):
-    """maze/experiments.py overrides dtm.Paper's methods only where a flag asks: with none set, its run
+    """lab/experiments.py overrides dtm.Paper's methods only where a flag asks: with none set, its run
     trains the very same model as dtm.py's, bit for bit."""
     from test_dtm_cli import parse as dtm_parse
     final = {}
@@ -213,7 +214,7 @@ def test_maskings_mask_each_rollout_k_times_and_train_on_every_copy(tiny_base):
     args = parse(["--maskings", "3", "--base", tiny_base])
     v = experiments.Variant(args)
     x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], torch.randint(5, (2, 2, 64))).flatten(0, 1)
-    x_t, mask, tw = v.states(x1, None, torch.Generator().manual_seed(0), 64)
+    x_t, mask, tw = v.masked_states(x1, None, torch.Generator().manual_seed(0), 64)
     assert x_t.shape == (12, 67) and torch.equal(torch.where(mask, x1.repeat(3, 1), x_t), x1.repeat(3, 1))
     assert not torch.equal(mask[:4], mask[4:8])                               # masked afresh each time
     logits, teacher = torch.randn(int(mask.sum()), 9), torch.randn(int(mask.sum()), 9)

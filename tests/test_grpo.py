@@ -208,7 +208,7 @@ def test_grpo_bad_input_gives_one_line_error(argv, message, capsys):
 @pytest.mark.slow
 def test_rl_report_puts_dtm_and_grpo_runs_in_one_table_at_equal_rollouts_and_seconds(tiny_base, tmp_path, capsys):
     import dtm
-    from maze import rl_report
+    from lab import rl_report
     from test_dtm_cli import TINY, parse
     dtm.run(parse(TINY + ["--base", tiny_base, "--out", str(tmp_path / "d"), "--figures", str(tmp_path / "f")]))
     args = grpo.parse(["--base", tiny_base, "--out", str(tmp_path / "g"), "--G", "2", "--rollouts", "16", "--mu", "1",

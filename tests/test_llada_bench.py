@@ -16,7 +16,7 @@ from llada.model import LLaDAConfig
 def test_bench_prints_a_warm_timing_table_per_batch_size_in_seconds(tiny, capsys):
     args = lf.parse(["--model_dir", tiny[0], "--task", "countdown", "--bench", "--bench_batches", "1", "3",
                      "--gen_length", "8", "--block_length", "4", "--lora_r", "4", "--device", "cpu"])
-    rows = bench.bench(args, lf.Trainer(args))
+    rows = bench.bench(args, lf.make_trainer(args))
     out = capsys.readouterr().out
     assert "| batch | sampling step s | tokens/s at 2/step | TFLOP/s |" in out
     assert [r[0] for r in rows] == [1, 3] and all(r[1] > 0 and r[5] > 0 for r in rows)

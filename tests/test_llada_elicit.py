@@ -1,6 +1,6 @@
 """A base from SFT data of mixed quality and what a reward can draw out of it: the wrong solver, the mixture
-(llada/sft.py --mix), the modes and the exact tilt of a model's samples (llada/modes.py), and rejection-sampling
-fine-tuning (llada/rft.py)."""
+(llada/sft.py --mix), the modes and the exact tilt of a model's samples (lab/modes.py), and rejection-sampling
+fine-tuning (lab/rft.py)."""
 import json
 import math
 import os
@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from llada import modes, rft, sft
+from llada import sft
+from lab import modes, rft
 from llada.model import chat_text
 from llada.protocols import PROTOCOLS
 from llada.tasks import sudoku_row_only, sudoku_test_set
@@ -107,7 +108,7 @@ def test_realised_against_the_bases_tilt_pairs_each_prompt_with_its_own_tilted_s
 def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(tmp_path, tiny):
     with pytest.raises(modes.CheckpointError, match="no record of the SFT mixture"):
         modes.mixture(str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "llada.modes", "--model_dir", tiny[0]], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "lab.modes", "--model_dir", tiny[0]], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "no record of the SFT mixture" in r.stderr and "Traceback" not in r.stderr
     for bad in ("1.5", "-0.1"):
@@ -118,7 +119,7 @@ def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(
 
 def test_rft_keeps_each_prompts_best_sample_and_logs_its_cost(tiny, tmp_path, monkeypatch):
     """One round on the tiny random LLaDA: the kept completion of each prompt is its highest-reward sample
-    (the first of equals), and metrics.jsonl has the rows llada.sudoku_report reads."""
+    (the first of equals), and metrics.jsonl has the rows lab.sudoku_report reads."""
     kept = {}
     real = rft.best_rollouts
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llada_finetune as lf
+from llada.trainer import any_order_mask, sar_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------- SAR masking
 def test_sar_masking_masks_only_the_active_block_and_everything_after_it():
     comp = torch.randint(6, 300, (200, 12))
-    x_t, counted, w, _ = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(0))
+    x_t, counted, w, _ = sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(0))
     for b in range(200):
         m = x_t[b] == 5
         k = int(torch.nonzero(counted[b])[0]) // 4 if counted[b].any() else None
@@ -36,7 +37,7 @@ def test_sar_masking_hazard_weight_makes_the_expected_count_per_token_one():
     """E[1{counted} / (1 - t)] over t ~ U(0,1) is 1 per token of the active block: the SAR loss is an
     unbiased per-token cross-entropy (times K), the ELBO's form."""
     comp = torch.zeros(20000, 4, dtype=torch.long)
-    _, counted, w, _ = lf.sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(1))
+    _, counted, w, _ = sar_mask(comp, 4, mask_id=5, generator=torch.Generator().manual_seed(1))
     assert (counted.sum(1) * w * 4 / 4).mean().item() == pytest.approx(1.0, abs=0.03)
 
 
@@ -45,7 +46,7 @@ def test_sar_weight_is_the_hazard_per_row_and_every_block_position_counts_once_i
     probability 1/K, then counted with probability 1 - t): every token weighs the same in expectation,
     whatever its block and its place in the block, as in the ELBO."""
     B, G, L = 40000, 8, 4
-    _, counted, w, t = lf.sar_mask(torch.zeros(B, G, dtype=torch.long), L, mask_id=5,
+    _, counted, w, t = sar_mask(torch.zeros(B, G, dtype=torch.long), L, mask_id=5,
                                    generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(w * (1 - t).clamp_min(1e-3) * L, torch.ones(B))
     assert torch.equal(torch.sort(t).values, (torch.arange(B) + t.min() * B) / B)       # stratified
@@ -59,7 +60,7 @@ def test_any_order_masking_counts_every_masked_token_of_every_block_with_the_haz
     and E[1{counted_j} w G] = 1 at every position j, as the ELBO weighs every token once."""
     B, G = 40000, 8
     comp = torch.randint(6, 300, (B, G))
-    x_t, counted, w, t = lf.any_order_mask(comp, 5, generator=torch.Generator().manual_seed(3))
+    x_t, counted, w, t = any_order_mask(comp, 5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(x_t == 5, counted) and torch.equal(x_t[~counted], comp[~counted])
     torch.testing.assert_close(w * (1 - t).clamp_min(1e-3) * G, torch.ones(B))
     assert counted[:, -1].float().mean().item() == pytest.approx(0.5, abs=0.01)     # the last block too
@@ -241,8 +242,8 @@ def test_torchrun_two_ranks_on_gloo_train_identical_adapters(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_otherwise(tiny, tmp_path, monkeypatch):
-    """llada/sudoku_report.py: buffer_tilt regresses the ELBO change of the last buffer on eta r."""
-    from llada.sudoku_report import buffer_tilt
+    """lab/sudoku_report.py: buffer_tilt regresses the ELBO change of the last buffer on eta r."""
+    from lab.sudoku_report import buffer_tilt
     monkeypatch.setitem(lf.PROTOCOLS["ours"]["rewards"], "countdown", lambda text, item: float(len(text) % 7))
     slopes = []
     for lr in ("0", "1e-2"):
@@ -262,8 +263,7 @@ def grpo_args(tiny_dir, out, *extra):
 
 def test_grpo_surrogate_masks_the_whole_completion_and_real_prompt_tokens_only_and_counts_to_the_first_stop(tiny,
                                                                                                          tmp_path):
-    from llada.grpo import GRPOTrainer
-    g = GRPOTrainer(lf.Trainer(lf.parse(grpo_args(tiny[0], str(tmp_path / "g"), "--p_mask_prompt", "0.5"))))
+    g = lf.make_trainer(lf.parse(grpo_args(tiny[0], str(tmp_path / "g"), "--p_mask_prompt", "0.5")))
     cfg, eos = g.t.cfg, g.t.cfg.eos_token_id
     comp = torch.tensor([[7, 8, eos, 9, eos, eos, eos, eos], [7, 8, 9, 10, 11, 12, 13, 14]])
     data = dict(idx=torch.tensor([0, 1]), comp=comp)

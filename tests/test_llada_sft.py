@@ -121,7 +121,7 @@ def test_the_tiny_preset_fills_the_small_sizes_and_a_flag_still_wins(small):
 
 
 def test_the_report_reads_each_runs_test_accuracy_per_phase_and_buffer_rewards(tmp_path):
-    from llada import sudoku_report
+    from lab import sudoku_report
     for name, accs in (("d0", [0.4, 0.5, 0.6]), ("d1", [0.4, 0.6, 0.8]), ("c0", [0.4, 0.4, 0.5])):
         rows = [dict(phase=0, a=0.0, test=dict(acc=accs[0], se=0.01, whole=0.0, whole_se=0.0, n=4))]
         for k, acc in enumerate(accs[1:], 1):
@@ -139,7 +139,7 @@ def test_the_report_reads_each_runs_test_accuracy_per_phase_and_buffer_rewards(t
 
 
 def test_the_cost_table_reads_grpo_runs_by_iteration_and_picks_their_last_evaluation_within_dtms_seconds(tmp_path):
-    from llada import sudoku_report
+    from lab import sudoku_report
     test = lambda acc: dict(acc=acc, se=0.01, whole=acc / 4, whole_se=0.0, n=4)            # noqa: E731
     runs = {"dtm": [dict(phase=0, a=0.0, rollouts=0, seconds=0.0, test=test(0.4)),
                     dict(phase=1, a=10.0, rollouts=320, seconds=100.0, test=test(0.5))],

@@ -115,8 +115,8 @@ def test_a_models_conditionals_are_its_own_posteriors_at_the_samplers_states_not
 
 
 def test_refit_script_still_fine_tunes_and_scores_the_base():
-    """maze/refit.py (the findings' refit table) against the current API: one ELBO step on the base's
+    """lab/refit.py (the findings' refit table) against the current API: one ELBO step on the base's
     own resampled rollouts, then one rollout per prompt, scored (8 prompts, equal weights: ESS 8)."""
-    from maze import refit
+    from lab import refit
     (m,) = refit.main(1, 1e-4, ["0"], rollouts_per_prompt=1)
     assert m["ess"] == pytest.approx(8.0) and 0 <= m["validity"] <= 1 and -1 <= m["reward"] <= 1

@@ -4,9 +4,9 @@ over seeds, the teacher's buffer reward per phase, the phases whose health check
 and a figure of test accuracy per phase. --buffer_tilt adds how far each run's last phase moved its own
 buffer towards the tilt (from its state_rank0.pt).
 
-    python -m llada.sudoku_report --group DTM runs/tiny/dtm_s0 runs/tiny/dtm_s1 \\
+    python -m lab.sudoku_report --group DTM runs/tiny/dtm_s0 runs/tiny/dtm_s1 \\
         --group control runs/tiny/ctl_s0 runs/tiny/ctl_s1 --figure figures/tiny_sudoku.png
-    python -m llada.sudoku_report --group DTM runs/p24/ll_dtm_s0 --group d1 runs/p24/ll_grpo_s0 \\
+    python -m lab.sudoku_report --group DTM runs/p24/ll_dtm_s0 --group d1 runs/p24/ll_grpo_s0 \\
         --cost_figure figures/rl_sudoku.png      # against rollouts and seconds, beside d1 (--method grpo)
 """
 import argparse
@@ -51,7 +51,7 @@ def buffer_tilt(run, maskings=4):
     from llada.lora import teacher_mode
     s = torch.load(os.path.join(run, "state_rank0.pt"), map_location="cpu", weights_only=True)
     args = argparse.Namespace(**dict(s["args"], resume=True, device="cpu", out=run))
-    t = lf.Trainer(args)
+    t = lf.make_trainer(args)
     t.load()
     b, g, G = t.buffer, torch.Generator().manual_seed(0), args.gen_length
     d = torch.zeros(len(b["r"]), dtype=torch.float64)
@@ -154,9 +154,9 @@ def cost_table(groups):
 
 
 def run_record(run):
-    """The seed of a run, and of its end (`python -m llada.modes`) the temperature-1 true-solution share and
+    """The seed of a run, and of its end (`python -m lab.modes`) the temperature-1 true-solution share and
     the realised fraction of the base's tilt of the mean reward with its SE, from the files the scripts leave:
-    args.json (llada_finetune.py, llada.rft) or sft.json (llada.sft), and modes.json in the run or its model/
+    args.json (llada_finetune.py, lab.rft) or sft.json (llada.sft), and modes.json in the run or its model/
     (None where it was not measured)."""
     seed = None
     for name in ("args.json", "sft.json"):

@@ -15,8 +15,8 @@ of the temperature-1 mean reward (and of the true share), a ratio of means over 
 with the ratio estimator's SE. The SE counts the prompts' and the samples' noise; not the bias of
 self-normalising over n samples, which makes the tilt at large a the best of n (n = 8 by default).
 
-    python -m llada.modes --model_dir runs/mixed                      # the base: modes and the tilt's targets
-    python -m llada.modes --model_dir runs/mixed --adapter runs/elicit/adapter --reference runs/mixed/modes.json
+    python -m lab.modes --model_dir runs/mixed                      # the base: modes and the tilt's targets
+    python -m lab.modes --model_dir runs/mixed --adapter runs/elicit/adapter --reference runs/mixed/modes.json
 """
 import argparse
 import json

@@ -9,7 +9,7 @@ and with the `prefix` and `dual` caches, and prints time, accuracy (the sorted a
 token agreement with the exact sampler, and accuracy at temperature 1 (how DTM draws its rollouts).
 Nothing is downloaded; about 8 minutes on one CPU core.
 
-    python -m llada.cache_agreement [--steps 1500] [--gen_length 32] [--block_length 8]
+    python -m lab.cache_agreement [--steps 1500] [--gen_length 32] [--block_length 8]
 """
 import argparse
 import os

@@ -5,7 +5,7 @@ table of logits with one row per (partially masked state x_t, position i), so a 
 convex problem with nothing to generalise. The model's terminal law is the random-order CTMC (reveal
 one uniformly chosen masked position per step), computed exactly by averaging over the L! orders.
 
-    python tests/tabular.py     # anneal a = 0 -> 1 with phi in {0, 1} and several eta; TV to the
+    python lab/tabular.py     # anneal a = 0 -> 1 with phi in {0, 1} and several eta; TV to the
                                 # exact tilted law after each phase; the control variate's variance;
                                 # the same from bases that are not self-consistent; a model restricted
                                 # to k directions -> figures/exact_tilt.png
@@ -207,7 +207,7 @@ def subspace(p0, k, seed=0):
 
 
 def expected_path_loss(student, teacher, r_of, eta, phi):
-    """The DTM loss at the sampler's own states (maze/experiments.py --states path) in exact expectation: every
+    """The DTM loss at the sampler's own states (lab/experiments.py --states path) in exact expectation: every
     path (x, order) with its probability under the teacher, every step of it, the token revealed."""
     path_p = path_law(teacher)
     Z = (path_p.sum(1) * torch.exp(eta * r_of)).sum()

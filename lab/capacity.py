@@ -1,8 +1,8 @@
 """Is the maze network's parameterisation what limits DTM? The main command with fewer trainable
-parameters, or with more from the same law (maze/FINDINGS.md, "Capacity").
+parameters, or with more from the same law (lab/FINDINGS_maze.md, "Capacity").
 
 A DTM phase is a fit: its minimiser over a free table is the tilted posterior (eq. 17), over a network
-it is the nearest set of conditionals the network can reach (tests/tabular.py: anneal_subspace). Which
+it is the nearest set of conditionals the network can reach (lab/tabular.py: anneal_subspace). Which
 parameters carry what the main command realises, and whether more of them help, is measured here; the
 findings' capacity table has the commands and numbers.
 
@@ -13,8 +13,8 @@ findings' capacity table has the commands and numbers.
           reference rollouts are its exact tilt, copied beside the new checkpoint). Only the new
           units' output weights have a gradient at the start; their input weights follow.
 
-    python -m maze.capacity train blocks.3 ln_f -- --out runs/last_block   # then run's flags
-    python -m maze.capacity widen 12 -- --out runs/wide12
+    python -m lab.capacity train blocks.3 ln_f -- --out runs/last_block   # then run's flags
+    python -m lab.capacity widen 12 -- --out runs/wide12
 """
 import dataclasses
 import os
@@ -26,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dtm                                                                    # noqa: E402
-from maze import experiments                                                  # noqa: E402
+from lab import experiments                                                  # noqa: E402
 from maze.mdm import MDM, load, n_params, reference_path, save                  # noqa: E402
 
 
@@ -53,10 +53,10 @@ def widened(model, ratio, generator=None):
 
 
 def parse(argv):
-    """MODE NAMES... [-- flags of python -m maze.experiments run] -> (mode, names, args)."""
+    """MODE NAMES... [-- flags of python -m lab.experiments run] -> (mode, names, args)."""
     cut = argv.index("--") if "--" in argv else len(argv)
     if not argv or argv[0] not in ("train", "widen") or (argv[0] == "widen" and cut != 2):
-        sys.exit("usage: python -m maze.capacity train PREFIX... [-- run flags] | widen RATIO [-- run flags]")
+        sys.exit("usage: python -m lab.capacity train PREFIX... [-- run flags] | widen RATIO [-- run flags]")
     return argv[0], argv[1:cut], experiments.parse(["run"] + argv[cut + 1:])
 
 

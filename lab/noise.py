@@ -1,12 +1,12 @@
 """The gradient noise of eq. 17's control variates at the teacher: the paper's phi = 1 against coefficients
-that depend on the state x_t (maze/FINDINGS.md, "Control variates that do not cut the noise").
+that depend on the state x_t (lab/FINDINGS_maze.md, "Control variates that do not cut the noise").
 
 Eq. 17 keeps the minimiser for any coefficient that is a function of x_t (and of the position i). This file
 estimates two such coefficients from teacher completions of each masked state (`complete`,
 `state_coefficients`) and measures, on the same minibatches, how much each leaves of the per-batch gradient
 noise that sets SGD's excess loss in a phase (`noise`).
 
-    python -m maze.experiments noise --out runs/noise      # writes OUT/noise.json and OUT/noise.md
+    python -m lab.experiments noise --out runs/noise      # writes OUT/noise.json and OUT/noise.md
 """
 import math
 

@@ -8,10 +8,10 @@ steps). Repeat from the new model. As eta -> infinity with Z per prompt, DTM's l
 on each prompt's best rollouts (tests/test_dtm_loss.py), with DTM's masking and a LoRA instead.
 
 After every round the greedy test accuracy is logged to OUT/metrics.jsonl as llada_finetune.py --phase_eval
-logs it (`iteration`, `rollouts`, `seconds` of training and sampling, `test`), so `llada.sudoku_report`
+logs it (`iteration`, `rollouts`, `seconds` of training and sampling, `test`), so `lab.sudoku_report`
 and `llada.elicit` read both; the model is saved in the HF layout with the base's sft.json.
 
-    python -m llada.rft --model_dir runs/mixed --out runs/rft --rounds 2
+    python -m lab.rft --model_dir runs/mixed --out runs/rft --rounds 2
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llada.model import CheckpointError, chat_prompt, left_pad, load_model, load_tokenizer   # noqa: E402
-from llada.modes import sample                                                         # noqa: E402
+from lab.modes import sample                                                         # noqa: E402
 from llada.protocols import PROTOCOLS, evaluate                                        # noqa: E402
 from llada.sft import save_model_dir, train                                            # noqa: E402
 from llada.tasks import sudoku_data                                                    # noqa: E402

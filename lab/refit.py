@@ -1,5 +1,5 @@
 """Can the maze network hold a law it is trained on? ELBO fine-tuning of the committed base on data
-drawn in several ways, then the validity of its own rollouts (maze/FINDINGS.md, "Can the network
+drawn in several ways, then the validity of its own rollouts (lab/FINDINGS_maze.md, "Can the network
 hold a law?").
 
   a = 0:    the base's reference rollouts (maze/exact.py: base_reference) resampled with weights e^{0 r}:
@@ -8,8 +8,8 @@ hold a law?").
   paths:    fresh training paths (all valid), as in pretraining;
   valid1.0: the a = 1.0 resample with its invalid rollouts dropped (any a after "valid").
 
-    python -m maze.refit 400 1e-4 0 0.5 paths       # steps, AdamW lr, then the data sets (~4 min each)
-    python -m maze.refit 1000 5e-4 1.0 --cosine     # lr decayed to 0 by a cosine, as in pretraining
+    python -m lab.refit 400 1e-4 0 0.5 paths       # steps, AdamW lr, then the data sets (~4 min each)
+    python -m lab.refit 1000 5e-4 1.0 --cosine     # lr decayed to 0 by a cosine, as in pretraining
 """
 import argparse
 import glob

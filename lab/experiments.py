@@ -1,18 +1,18 @@
-"""The maze experiments of maze/FINDINGS.md: variants of dtm.py's loop, controls, the phi x eta sweep, a benchmark.
+"""The maze experiments of lab/FINDINGS_maze.md: variants of dtm.py's loop, controls, the phi x eta sweep, a benchmark.
 
 Not the paper's algorithm (that is dtm.py), but what the findings needed to test it. Each variant
-overrides one method of `dtm.Paper`, the set of points where dtm.run lets a caller change the loop;
+overrides one method of `dtm.Recipe`, the set of points where dtm.run lets a caller change the loop;
 the loop itself is not copied here.
 
-    python -m maze.experiments run --control --out runs/control        # the main command, no tilt
-    python -m maze.experiments run --shuffle_rewards --out runs/shuffle # the tilt's weights, no signal
-    python -m maze.experiments run --r_offset 0.5 --out runs/off05      # another constant added to r
-    python -m maze.experiments run --states path --out runs/path        # the sampler's own states
-    python -m maze.experiments sweep --a_max 2 --out runs/sweep --figures figures   # paper Fig. 2/5
-    python -m maze.experiments budget --out runs/budget --end_rollouts_per_prompt 16 --held_out_per_prompt 64
-    python -m maze.experiments noise --out runs/noise                    # eq. 17's coefficients' noise (maze/noise.py)
-    python -m maze.experiments bench                                     # a DTM step against an ELBO step
-    python -m maze.experiments run --help                                # every flag (dtm.py's too)
+    python -m lab.experiments run --control --out runs/control        # the main command, no tilt
+    python -m lab.experiments run --shuffle_rewards --out runs/shuffle # the tilt's weights, no signal
+    python -m lab.experiments run --r_offset 0.5 --out runs/off05      # another constant added to r
+    python -m lab.experiments run --states path --out runs/path        # the sampler's own states
+    python -m lab.experiments sweep --a_max 2 --out runs/sweep --figures figures   # paper Fig. 2/5
+    python -m lab.experiments budget --out runs/budget --end_rollouts_per_prompt 16 --held_out_per_prompt 64
+    python -m lab.experiments noise --out runs/noise                    # eq. 17's coefficients' noise (lab/noise.py)
+    python -m lab.experiments bench                                     # a DTM step against an ELBO step
+    python -m lab.experiments run --help                                # every flag (dtm.py's too)
 """
 import copy
 import json
@@ -32,7 +32,7 @@ from dtm import dtm_loss, group_log_mean_exp                                    
 from maze import env, exact                                                                    # noqa: E402
 from maze.figures import plot_budget, plot_sweep, rollouts_file                                # noqa: E402
 from maze.mdm import PROMPT_LEN, CheckpointError, elbo_loss, load, mask_along_path, mask_completions  # noqa: E402
-from maze.noise import noise                                                                   # noqa: E402
+from lab.noise import noise                                                                   # noqa: E402
 
 NAMES = ("run", "sweep", "budget", "noise", "bench")
 
@@ -41,13 +41,13 @@ def shuffled(r, generator):
     """--shuffle_rewards, a no-signal control: the rewards r (P, n) permuted among each prompt's n rollouts.
     A phase then tilts towards a random reweighting of the teacher's own samples, zero in expectation,
     with the weights of the real tilt: their noise, and their mean refit of the teacher's own samples
-    (maze/FINDINGS.md, "the refit")."""
+    (lab/FINDINGS_maze.md, "the refit")."""
     r = torch.as_tensor(r)
     return r.gather(1, torch.rand(r.shape, generator=generator).argsort(1))
 
 
-class Variant(dtm.Paper):
-    """dtm.Paper with the flags of this file: each one changes one method."""
+class Variant(dtm.Recipe):
+    """dtm.Recipe with the flags of this file: each one changes one method."""
 
     def __init__(self, args):
         super().__init__(args)
@@ -62,28 +62,28 @@ class Variant(dtm.Paper):
             return torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
         return super().optimizer(model)
 
-    def rewards_in(self, r, generator):
+    def buffer_rewards(self, r, generator):
         return shuffled(r, generator) if self.args.shuffle_rewards else r
 
-    def eta_in_loss(self, eta):
+    def loss_eta(self, eta):
         return 1e-6 if self.args.control else eta                     # --control: the same run, no tilt
 
-    def states(self, x1, rank, gen, L):
+    def masked_states(self, x1, revealed_at, gen, L):
         a = self.args
         x1 = x1.repeat(a.maskings, 1)                                  # --maskings: each rollout k times
         if a.states == "path":                                         # the sampler's own states, and the
-            x_t, mask, S = mask_along_path(x1, rank, gen)              # tokens it drew from them
+            x_t, mask, S = mask_along_path(x1, revealed_at, gen)       # tokens it drew from them
             return x_t, mask, S.float() / L                            # S steps: the path's NLL / L
-        x_t, mask, tw = super().states(x1, rank, gen, L)              # forward masking, hazard / L
+        x_t, mask, time_weight = super().masked_states(x1, revealed_at, gen, L)   # forward, hazard / L
         if a.weighting == "paper":
-            return x_t, mask, tw
+            return x_t, mask, time_weight
         return x_t, mask, 1.0 / mask.sum(1).clamp_min(1).float()      # the released code's 1/n
 
-    def loss(self, logits, teacher_logits, x1, mask, r, tw, eta, group, r_buf):
+    def loss(self, logits, teacher_logits, x1, mask, r, time_weight, eta, group, r_buf):
         a = self.args
-        x1, r, group = x1.repeat(a.maskings, 1), r.repeat(a.maskings), group.repeat(a.maskings)   # as states()
+        x1, r, group = x1.repeat(a.maskings, 1), r.repeat(a.maskings), group.repeat(a.maskings)   # as masked_states()
         if a.weighting == "released":                                  # their code: r clipped at 0, no Z
-            return dtm_loss(logits, teacher_logits, x1, mask, r.clamp_min(0), tw, eta, a.phi,
+            return dtm_loss(logits, teacher_logits, x1, mask, r.clamp_min(0), time_weight, eta, a.phi,
                             log_Z=torch.zeros_like(r))
         r, log_Z, phi = r + a.r_offset, None, a.phi
         if a.z == "buffer":                                            # Z per prompt over the whole buffer
@@ -93,7 +93,7 @@ class Variant(dtm.Paper):
         if a.centred:                  # eq. 17's coefficient phi Z: a function of the prompt, so of x_t
             log_Z = group_log_mean_exp(eta * r, group) if log_Z is None else log_Z
             phi = a.phi * torch.exp(log_Z)                             # NLL weights e^{eta r} / Z - phi
-        return dtm_loss(logits, teacher_logits, x1, mask, r, tw, eta, phi, group, log_Z)
+        return dtm_loss(logits, teacher_logits, x1, mask, r, time_weight, eta, phi, group, log_Z)
 
     def after_step(self, model, opt, step):
         a = self.args
@@ -339,12 +339,12 @@ def bench(args, reps=20):
 # ----------------------------------------------------------------------------- the command line
 def parser():
     p = dtm.parser()
-    p.prog = "python -m maze.experiments"
-    p.description = ("maze/FINDINGS.md's experiments: NAME is run (dtm.py's loop with the variants below), sweep "
+    p.prog = "python -m lab.experiments"
+    p.description = ("lab/FINDINGS_maze.md's experiments: NAME is run (dtm.py's loop with the variants below), sweep "
                      "(paper Fig. 2/5), budget (a phase's health check against its compute), noise (eq. 17's "
                      "coefficients'\ngradient noise at the teacher) or bench. Every dtm.py flag works here too.")
     p.add_argument("name", choices=NAMES, help="what to run")
-    g = p.add_argument_group("variants of the loop (maze/FINDINGS.md)")
+    g = p.add_argument_group("variants of the loop (lab/FINDINGS_maze.md)")
     g.add_argument("--control", action="store_true", help="eta ~ 0 (1e-6) in the loss: the same run, no tilt")
     g.add_argument("--shuffle_rewards", action="store_true", help="rewards permuted among each prompt's rollouts "
                                                                   "as they enter the buffer: no signal")
@@ -376,7 +376,7 @@ def parser():
     g.add_argument("--sample_steps", type=int, help="sampler steps (default: one per token)")
     g = p.add_argument_group("budget")
     g.add_argument("--budget", nargs="+", choices=[c[0] for c in BUDGET], default=[c[0] for c in BUDGET],
-                   help="configs (maze.experiments.BUDGET)")
+                   help="configs (lab.experiments.BUDGET)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="a run of each config per seed")
     g = p.add_argument_group("noise")
     g.add_argument("--noise_batches", type=int, default=16, help="minibatches at the teacher, each coefficient")

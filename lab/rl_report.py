@@ -5,7 +5,7 @@ the realised fraction of the exact tilt at a = 1 (= 1 / beta), distinct valid pa
 rollouts and seconds. DTM's seconds are its whole run but the final measurement (its health check's rollouts
 included); grpo.py's are its training loop. The figure: validity against training rollouts and seconds.
 
-    python -m maze.rl_report --dtm runs/p24/dtm_s0 runs/p24/dtm_s1 runs/p24/dtm_s2 \\
+    python -m lab.rl_report --dtm runs/p24/dtm_s0 runs/p24/dtm_s1 runs/p24/dtm_s2 \\
         --grpo d1 runs/p24/mf_s0 runs/p24/mf_s1 runs/p24/mf_s2 --figure figures/rl_maze.png
 """
 import argparse
