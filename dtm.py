@@ -307,6 +307,10 @@ def start_or_resume(args, recipe, wall, prompts, ref, gens):
         held_gen.manual_seed(args.seed + 10 ** 6 + start)
         print(f"resumed from {state_path} after phase {start} (a = {history[-1]['a']:g})")
         x1, r, revealed_at = ck["rollouts"]
+        if x1.shape[1] <= args.rollouts_per_prompt:                   # a finished run, extended by --a_max
+            raise CheckpointError(f"{state_path}: its last phase kept {x1.shape[1]} rollouts per prompt, none to "
+                                  f"hold out beside a buffer of {args.rollouts_per_prompt}; rerun it with "
+                                  f"--end_rollouts_per_prompt above --rollouts_per_prompt")
         return model, history, start, (x1, r, None, revealed_at)
     model, history = load(args.base, args.device)[0], []
     ref_x, ref_r, ref_valid = ref

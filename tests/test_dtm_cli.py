@@ -11,7 +11,7 @@ import torch
 
 import dtm
 from maze import env, exact, mdm
-from maze.mdm import load, sample
+from maze.mdm import CheckpointError, load, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--a_max", "0.2", "--eta", "0.1", "--steps_per_phase", "3", "--batch", "16",
@@ -155,6 +155,19 @@ def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     dtm.run(parse(TINY[:1] + ["0.3"] + TINY[2:] + more))
     history = dtm.run(parse(TINY[:1] + ["0.4"] + TINY[2:] + more + ["--resume"]))
     assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_that_kept_no_rollouts_to_hold_out_says_so(tiny_base, tmp_path):
+    """Extending a finished run (--resume with a larger --a_max) needs more of its last rollouts than the
+    buffer holds: the rest are the next phase's held-out set. With --end_rollouts_per_prompt equal to the
+    buffer there are none, and the run says so (main prints it as one line) instead of failing inside the
+    health check."""
+    out = str(tmp_path / "run")
+    flags = TINY[2:] + ["--base", tiny_base, "--out", out, "--end_rollouts_per_prompt", "2"]
+    dtm.run(parse(["--a_max", "0.1"] + flags))
+    with pytest.raises(CheckpointError, match=f"{out}/state.pt: its last phase kept 2 rollouts per prompt, none"):
+        dtm.run(parse(["--a_max", "0.2", "--resume"] + flags))
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage"])

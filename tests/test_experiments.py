@@ -153,7 +153,7 @@ def test_lr_decay_cosine_anneals_every_phase_from_lr_to_zero(tiny_base, tmp_path
 
 @pytest.mark.slow
 def test_run_with_no_variant_flag_is_dtm_py_itself(tiny_base, tmp_path):
-    """lab/experiments.py overrides dtm.Paper's methods only where a flag asks: with none set, its run
+    """lab/experiments.py overrides dtm.Recipe's methods only where a flag asks: with none set, its run
     trains the very same model as dtm.py's, bit for bit."""
     from test_dtm_cli import parse as dtm_parse
     final = {}
