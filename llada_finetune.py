@@ -37,10 +37,10 @@ from llada.trainer import Trainer
 from maze.mdm import Help
 
 
-def make_trainer(args, model=None):
+def make_trainer(args):
     """The trainer of args.method: DTM's with dtm.py's loss, or d1's (llada/grpo.py) on it with grpo.py's.
     The library takes the losses as arguments, so that it imports no script."""
-    t = Trainer(args, dtm_loss, group_log_mean_exp, model)
+    t = Trainer(args, dtm_loss, group_log_mean_exp)
     return GRPOTrainer(t, grpo_loss, group_advantage) if args.method == "grpo" else t
 
 
@@ -230,7 +230,7 @@ def main(argv=None):
             dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
             model = random_model(LLaDAConfig(**SHAPES[args.bench_shape]), args.device, dtype) \
                 if args.bench_shape else None
-            bench(args, make_trainer(args, model))
+            bench(args, Trainer(args, dtm_loss, group_log_mean_exp, model))   # DTM's steps, whatever --method
         elif args.eval:
             run_eval(args)
         else:

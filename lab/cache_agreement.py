@@ -21,7 +21,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from maze.mdm import Help                                                      # noqa: E402
-from llada.model import LLaDAConfig, generate, random_model                    # noqa: E402
+from llada.model import LLaDAConfig, random_model                                 # noqa: E402
+from llada.sampler import generate                                                 # noqa: E402
 from llada.sft import train                                                    # noqa: E402
 
 SEP, EOS, MASK = 10, 11, 12                                # digits are 0..9

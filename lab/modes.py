@@ -28,7 +28,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llada.lora import add_lora, load_adapter, lora_layers                              # noqa: E402
-from llada.model import CheckpointError, chat_prompt, decode, generate, left_pad, load_model, load_tokenizer  # noqa: E402
+from llada.model import CheckpointError, chat_prompt, decode, load_model, load_tokenizer   # noqa: E402
+from llada.sampler import generate, left_pad                                              # noqa: E402
 from llada.protocols import PROTOCOLS                                                  # noqa: E402
 from llada.tasks import last_tag, sudoku_reward, sudoku_row_only, sudoku_test_set      # noqa: E402
 from maze.mdm import Help                                                              # noqa: E402

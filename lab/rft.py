@@ -24,7 +24,8 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llada.model import CheckpointError, chat_prompt, left_pad, load_model, load_tokenizer   # noqa: E402
+from llada.model import CheckpointError, chat_prompt, load_model, load_tokenizer          # noqa: E402
+from llada.sampler import left_pad                                                    # noqa: E402
 from lab.modes import sample                                                         # noqa: E402
 from llada.protocols import PROTOCOLS, evaluate                                        # noqa: E402
 from llada.sft import save_model_dir, train                                            # noqa: E402

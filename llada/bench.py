@@ -12,7 +12,7 @@ import time
 import torch
 
 from llada.lora import snapshot_teacher, teacher_mode
-from llada.model import generate, propose
+from llada.sampler import generate, propose
 
 SHAPES = dict(                                   # --bench_shape: random models built in memory
     **{"8b": {}},                               # LLaDA-8B (LLaDAConfig's defaults): 16 GB in bf16

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llada.lora import save_adapter, snapshot_teacher, teacher_mode
-from llada.model import left_pad
+from llada.sampler import left_pad
 
 
 class GRPOTrainer:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from llada.lora import add_lora, load_adapter, lora_layers
-from llada.model import chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
+from llada.model import chat_prompt, decode, load_model, load_tokenizer
+from llada.sampler import generate, left_pad
 from llada.tasks import (MATH_PROMPT, PROMPTS, REWARDS, SUDOKU_SHOTS, accuracy, arith, closing_brace, first_tag,
                          gsm8k_gold, gsm8k_reward, math_equiv, number, sudoku_short_prompt, tag_spans, task_data,
                          uses_exactly)

@@ -42,9 +42,10 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, chat_text, left_pad, load_model, load_tokenizer,  # noqa: E402
+from llada.model import (CheckpointError, LLaDAConfig, chat_prompt, chat_text, load_model, load_tokenizer,  # noqa: E402
                          random_model, save_safetensors)
 from llada.protocols import PROTOCOLS                                                   # noqa: E402
+from llada.sampler import left_pad                                                      # noqa: E402
 from llada.tasks import sudoku_row_only, sudoku_test_set, sudoku_train_grids, sudoku_train_puzzle  # noqa: E402
 from maze.mdm import Help                                                               # noqa: E402
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from llada.bench import auto_rollout_batch
 from llada.lora import add_lora, load_adapter, lora_layers, save_adapter, snapshot_teacher, teacher_mode
-from llada.model import CheckpointError, chat_prompt, decode, generate, left_pad, load_model, load_tokenizer
+from llada.model import CheckpointError, chat_prompt, decode, load_model, load_tokenizer
+from llada.sampler import generate, left_pad
 from llada.protocols import PROTOCOLS, evaluate
 from llada.tasks import task_data
 

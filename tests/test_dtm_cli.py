@@ -157,7 +157,6 @@ def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     assert [h["a"] for h in history] == [0.0, 0.1, 0.2, 0.3, 0.4]   # phases 1-3 kept, no row twice
 
 
-@pytest.mark.slow
 def test_resume_of_a_run_that_kept_no_rollouts_to_hold_out_says_so(tiny_base, tmp_path):
     """Extending a finished run (--resume with a larger --a_max) needs more of its last rollouts than the
     buffer holds: the rest are the next phase's held-out set. With --end_rollouts_per_prompt equal to the

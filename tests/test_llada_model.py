@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import llada.lora as lora
 import llada.model as lm
+import llada.sampler as sampler
 from llada_tiny import CONFIG, randomise_adapters
 
 
@@ -69,7 +70,7 @@ def test_two_shard_checkpoint_forward_equals_a_slow_per_head_reference(tiny, mod
 
 def test_left_padding_with_attention_mask_gives_the_unpadded_logits(model):
     ids = torch.randint(6, 300, (1, 9), generator=torch.Generator().manual_seed(2))
-    padded, am = lm.left_pad([ids[0].tolist(), list(range(6, 20))], pad_id=1)
+    padded, am = sampler.left_pad([ids[0].tolist(), list(range(6, 20))], pad_id=1)
     torch.testing.assert_close(model(padded, am)[0, -9:], model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -279,7 +280,7 @@ def reference_generate(model, prompt, steps, gen_length, block_length):
 @pytest.mark.parametrize("gen_length, steps, block_length", [(8, 8, 4), (12, 6, 4), (10, 4, 5), (6, 3, 6)])
 def test_greedy_sampler_is_token_identical_to_the_slow_transcription(model, gen_length, steps, block_length):
     prompt = torch.randint(6, 300, (3, 7), generator=torch.Generator().manual_seed(gen_length))
-    ours = lm.generate(model, prompt, None, gen_length, steps, block_length, temperature=0.0)
+    ours = sampler.generate(model, prompt, None, gen_length, steps, block_length, temperature=0.0)
     assert torch.equal(ours, reference_generate(model, prompt, steps, gen_length, block_length))
 
 
@@ -302,10 +303,10 @@ class MaskHungry(torch.nn.Module):
 def test_a_predicted_mask_id_stays_masked_and_is_filled_later_as_in_generate_py(model):
     mask_id = CONFIG["mask_token_id"]
     prompt = torch.randint(6, 300, (3, 4), generator=torch.Generator().manual_seed(7))
-    ours = lm.generate(MaskHungry(model, 4), prompt, None, gen_length=12, steps=12, block_length=4)
+    ours = sampler.generate(MaskHungry(model, 4), prompt, None, gen_length=12, steps=12, block_length=4)
     ref = reference_generate(MaskHungry(model, 4), prompt, steps=12, gen_length=12, block_length=4)
     assert torch.equal(ours, ref)
-    first_block = lm.generate(MaskHungry(model, 4), prompt, None, gen_length=4, steps=4, block_length=4)
+    first_block = sampler.generate(MaskHungry(model, 4), prompt, None, gen_length=4, steps=4, block_length=4)
     left = first_block == mask_id                                 # block 1's leftover masks ...
     assert left.any() and (ours[:, :4][left] != mask_id).any()    # ... some filled in a later block
 
@@ -313,7 +314,7 @@ def test_a_predicted_mask_id_stays_masked_and_is_filled_later_as_in_generate_py(
 @pytest.mark.parametrize("span", [(10, 14), (10, 18)])                # dual (one block), prefix (to the end)
 def test_a_span_call_against_a_fresh_cache_gives_the_full_call_logits_there(model, span):
     ids = torch.randint(6, 300, (2, 18), generator=torch.Generator().manual_seed(9))
-    ids, am = lm.left_pad([ids[0].tolist(), ids[1, 3:].tolist()], pad_id=1)       # left padding too
+    ids, am = sampler.left_pad([ids[0].tolist(), ids[1, 3:].tolist()], pad_id=1)       # left padding too
     where = torch.zeros_like(ids, dtype=torch.bool)
     where[:, span[0]:span[1]] = True
     kv = []
@@ -325,9 +326,9 @@ def test_a_span_call_against_a_fresh_cache_gives_the_full_call_logits_there(mode
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cached_sampler_refreshed_every_step_is_the_exact_sampler_and_agrees_otherwise(model, cache):
     prompt = torch.randint(6, 300, (16, 12), generator=torch.Generator().manual_seed(10))
-    exact = lm.generate(model, prompt, None, 32, 16, 8)
-    assert torch.equal(lm.generate(model, prompt, None, 32, 16, 8, cache=cache, refresh=1), exact)
-    agree = (lm.generate(model, prompt, None, 32, 16, 8, cache=cache) == exact).float().mean().item()
+    exact = sampler.generate(model, prompt, None, 32, 16, 8)
+    assert torch.equal(sampler.generate(model, prompt, None, 32, 16, 8, cache=cache, refresh=1), exact)
+    agree = (sampler.generate(model, prompt, None, 32, 16, 8, cache=cache) == exact).float().mean().item()
     # The tiny model's random weights (std 0.3) make it chaotic: one changed token changes the rest of the
     # row. Measured: prefix 0.50, dual 0.41 on these prompts (chance: 1/320). llada/README.md: the agreement to expect.
     assert agree > 0.35
@@ -347,7 +348,7 @@ class Spy(torch.nn.Module):
 def test_sampler_reveals_the_scheduled_counts_block_by_block_and_keeps_the_prompt(model):
     spy, mask_id, P = Spy(model), CONFIG["mask_token_id"], 5
     prompt = torch.tensor([[7, 8, mask_id, 9, 10]])            # a mask token inside the prompt stays
-    out = lm.generate(spy, prompt, None, gen_length=10, steps=4, block_length=5, temperature=1.0,
+    out = sampler.generate(spy, prompt, None, gen_length=10, steps=4, block_length=5, temperature=1.0,
                       generator=torch.Generator().manual_seed(0))
     states = spy.seen + [torch.cat([prompt, out], 1)]
     assert all(torch.equal(s[:, :P], prompt) for s in states)
@@ -356,21 +357,21 @@ def test_sampler_reveals_the_scheduled_counts_block_by_block_and_keeps_the_promp
     for s, block in zip(spy.seen, [0, 0, 1, 1]):               # later blocks untouched, earlier done
         c = s[0, P:]
         assert (c[5 * (block + 1):] == mask_id).all() and (c[:5 * block] != mask_id).all()
-    assert lm.num_transfer_tokens(torch.ones(2, 7, dtype=torch.bool), 3).tolist() == [[3, 2, 2]] * 2
+    assert sampler.num_transfer_tokens(torch.ones(2, 7, dtype=torch.bool), 3).tolist() == [[3, 2, 2]] * 2
 
 
 def test_sampler_is_deterministic_at_temperature_zero_and_seeded_above(model):
     prompt = torch.randint(6, 300, (2, 4))
     def g(T, seed):
-        return lm.generate(model, prompt, None, 8, 4, 4, T, generator=torch.Generator().manual_seed(seed))
+        return sampler.generate(model, prompt, None, 8, 4, 4, T, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(g(0.0, 1), g(0.0, 2))
     assert torch.equal(g(1.0, 3), g(1.0, 3)) and not torch.equal(g(1.0, 3), g(1.0, 4))
 
 
 def test_batched_left_padded_prompts_sample_as_each_prompt_alone(model):
     a, b = list(range(10, 19)), list(range(40, 44))
-    ids, am = lm.left_pad([a, b], pad_id=1)
-    both = lm.generate(model, ids, am, 8, 4, 4)
+    ids, am = sampler.left_pad([a, b], pad_id=1)
+    both = sampler.generate(model, ids, am, 8, 4, 4)
     for row, p in zip(both, (a, b)):
-        assert torch.equal(row, lm.generate(model, torch.tensor([p]), None, 8, 4, 4)[0])
+        assert torch.equal(row, sampler.generate(model, torch.tensor([p]), None, 8, 4, 4)[0])
 
