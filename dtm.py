@@ -212,14 +212,15 @@ class Recipe:
 def run(args, recipe=None):
     """Anneal a = 0 -> a_max in steps eta from args.base; returns the history (one row per phase)."""
     recipe = recipe or Recipe(args)
-    gen, held_gen, buffer_gen = generators(args)
+    gens = gen, held_gen, buffer_gen = generators(args)
     wall, prompts, ref, a_grid = setup(args)
     P, M, L, dev = len(prompts), args.rollouts_per_prompt, ref[0].shape[-1], args.device
-    model, history, start, rollouts_k = start_or_resume(args, recipe, wall, prompts, ref, (gen, held_gen, buffer_gen))
+    model, history, start, rollouts_k = start_or_resume(args, recipe, wall, prompts, ref, gens)
     buf, held = split_buffer(rollouts_k, M, args.held_out_per_prompt, recipe, buffer_gen, first=True)
     for k in range(start + 1, len(a_grid)):
         a, eta = a_grid[k], a_grid[k] - a_grid[k - 1]
-        t0, target = time.time(), target_row(buf["r"], args, recipe.loss_eta(eta))   # the one-phase target
+        eta_loss = recipe.loss_eta(eta)                                   # the loss's eta: eta, unless a control
+        t0, target = time.time(), target_row(buf["r"], args, eta_loss)   # the one-phase target
         # 1. freeze the teacher p_a: the model at the start of the phase, and its objective on held-out rollouts
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         held_set = held_out_set(held["x1"].to(dev), held["r"].to(dev) + args.r_offset, HELD_OUT_MASKINGS, held_gen, L)
@@ -242,8 +243,8 @@ def run(args, recipe=None):
             with torch.no_grad():
                 teacher_logits = teacher(x_t, mask) if args.phi != 0 else None
             # 7. the phi-DTM loss (eq. 16-17) and one clipped optimiser step
-            loss = recipe.loss(logits, teacher_logits, x1, mask, r, time_weight, recipe.loss_eta(eta),
-                               rows.flatten().to(dev), buf["r"])
+            loss = recipe.loss(logits, teacher_logits, x1, mask, r, time_weight, eta_loss, rows.flatten().to(dev),
+                               buf["r"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -323,8 +324,9 @@ def start_or_resume(args, recipe, wall, prompts, ref, gens):
 
 def split_buffer(rollouts_k, M, H, recipe, buffer_gen, first=False):
     """The buffer (M rollouts per prompt: x1, r as recipe.buffer_rewards stores them, revealed_at) and the H
-    held out of training (x1, r). At the start (first): M + H of each prompt's rollouts drawn by buffer_gen
-    (the reference holds 2,048); after a phase: the first M and the next H, as measure_next drew them."""
+    held out of training (x1, r). At the start of run (first): M + H of each prompt's rollouts drawn by
+    buffer_gen (the base's reference holds 2,048; a resumed run's, what its last phase kept); after a phase:
+    the first M and the next H, as measure_next drew them."""
     x1, r, _, revealed_at = rollouts_k
     r = torch.as_tensor(r, dtype=torch.float32)
     if first:

@@ -4,10 +4,15 @@ its one-step proposal (`propose`), and left padding for a batch of prompts (`lef
 Needs only a model with LLaDA's call, model(x, attention_mask, where[, kv, span]) -> the logits at the
 True entries of `where`, and model.cfg.mask_token_id (llada/model.py: LLaDA). On its own:
 
+    import torch
     from llada.model import load_model, load_tokenizer, chat_prompt, decode
     from llada.sampler import generate, left_pad
+    model = load_model("LLaDA-8B-Instruct", "cuda", torch.bfloat16)
+    tok = load_tokenizer("LLaDA-8B-Instruct")
+    questions = ["What is 7 * 8?", "Name a prime above 100."]
     ids, am = left_pad([chat_prompt(tok, q) for q in questions], model.cfg.eos_token_id, "cuda")
-    completions = generate(model, ids, am, gen_length=256, steps=128, block_length=32)
+    for c in generate(model, ids, am, gen_length=64, steps=32, block_length=32):
+        print(decode(tok, c, model.cfg))
 """
 import math
 
