@@ -196,8 +196,8 @@ class Recipe:
         return dtm_loss(logits, teacher_logits, x1, mask, r + self.args.r_offset, time_weight, eta, self.args.phi,
                         group)
 
-    def buffer_rewards(self, r, generator):   # the rewards (P, n) of new rollouts, as the buffer stores them
-        return r
+    def buffer_rewards(self, r, generator):   # the rewards (P, M) the loss sees, from the buffer's rollouts'
+        return r                              # own r; called whenever the buffer changes
 
     def loss_eta(self, eta):           # the eta the loss tilts by (a control: ~0)
         return eta
@@ -284,12 +284,12 @@ def setup(args):
     of a; pretrains the default base first if it is missing."""
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
-    os.makedirs(args.out, exist_ok=True)
     if args.base == DEFAULT_BASE and not os.path.isfile(DEFAULT_BASE):
         steps = mdm_parser().get_default("steps")                      # as python -m maze.mdm does
         print(f"no base checkpoint at {DEFAULT_BASE}: pretraining one ({steps} steps)")
         pretrain(Config(), steps, device=args.device, out=DEFAULT_BASE)
-    ref = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)
+    ref = base_reference(args.base, wall, prompts, args.reference_per_prompt, args)   # checks --base first
+    os.makedirs(args.out, exist_ok=True)
     a_grid = [min(k * args.eta, args.a_max) for k in range(int(math.ceil(args.a_max / args.eta - 1e-9)) + 1)]
     return wall, prompts, ref, a_grid
 
@@ -323,10 +323,10 @@ def start_or_resume(args, recipe, wall, prompts, ref, gens):
 
 
 def split_buffer(rollouts_k, M, H, recipe, buffer_gen, first=False):
-    """The buffer (M rollouts per prompt: x1, r as recipe.buffer_rewards stores them, revealed_at) and the H
-    held out of training (x1, r). At the start of run (first): M + H of each prompt's rollouts drawn by
-    buffer_gen (the base's reference holds 2,048; a resumed run's, what its last phase kept); after a phase:
-    the first M and the next H, as measure_next drew them."""
+    """The buffer (M rollouts per prompt: x1, their own rewards `scores`, r = recipe.buffer_rewards(scores),
+    revealed_at) and the H held out of training (x1, r). At the start of run (first): M + H of each prompt's
+    rollouts drawn by buffer_gen (the base's reference holds 2,048; a resumed run's, what its last phase kept);
+    after a phase: the first M and the next H, as measure_next drew them."""
     x1, r, _, revealed_at = rollouts_k
     r = torch.as_tensor(r, dtype=torch.float32)
     if first:
@@ -335,8 +335,9 @@ def split_buffer(rollouts_k, M, H, recipe, buffer_gen, first=False):
         keep, out = (torch.arange(P)[:, None], perm[:, :M]), (torch.arange(P)[:, None], perm[:, M:])
     else:
         keep, out = (slice(None), slice(None, M)), (slice(None), slice(M, M + H))
-    buf = dict(x1=x1[keep].clone(), r=recipe.buffer_rewards(r[keep].clone(), buffer_gen),
+    buf = dict(x1=x1[keep].clone(), scores=r[keep].clone(),
                revealed_at=revealed_at[keep].clone() if revealed_at is not None else None)
+    buf["r"] = recipe.buffer_rewards(buf["scores"], buffer_gen)
     return buf, dict(x1=x1[out].clone(), r=r[out].clone())
 
 
@@ -344,8 +345,9 @@ def refresh(buf, teacher, prompts, args, wall, recipe, gen, buffer_gen):
     """Replace refresh_fraction of each prompt's buffer slots by new teacher rollouts (§4.1), in place."""
     M = buf["x1"].shape[1]
     slots = torch.randperm(M, generator=buffer_gen)[:max(1, round(args.refresh_fraction * M))]
-    buf["x1"][:, slots], r_new, _, revealed_new = rollouts(teacher, prompts, len(slots), args, wall, gen)
-    buf["r"][:, slots] = recipe.buffer_rewards(r_new, buffer_gen)
+    buf["x1"][:, slots], buf["scores"][:, slots], _, revealed_new = rollouts(teacher, prompts, len(slots), args,
+                                                                           wall, gen)
+    buf["r"] = recipe.buffer_rewards(buf["scores"], buffer_gen)     # over the whole buffer, new and old
     if buf["revealed_at"] is not None:
         buf["revealed_at"][:, slots] = revealed_new
 

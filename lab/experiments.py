@@ -38,10 +38,11 @@ NAMES = ("run", "sweep", "budget", "noise", "bench")
 
 
 def shuffled(r, generator):
-    """--shuffle_rewards, a no-signal control: the rewards r (P, n) permuted among each prompt's n rollouts.
-    A phase then tilts towards a random reweighting of the teacher's own samples, zero in expectation,
-    with the weights of the real tilt: their noise, and their mean refit of the teacher's own samples
-    (lab/FINDINGS_maze.md, "the refit")."""
+    """--shuffle_rewards, a no-signal control: the buffer's rewards r (P, n) permuted among each prompt's n
+    rollouts, afresh whenever the buffer changes (dtm.run calls it on the whole buffer). A phase then tilts
+    towards a random reweighting of the teacher's own samples, with the weights of the real tilt: their
+    noise, and their mean refit of the teacher's own samples (lab/FINDINGS_maze.md, "the refit"). A rollout
+    keeps its own reward with probability 1/n, so 1/n of the signal stays (1/16 at dtm.py's buffer)."""
     r = torch.as_tensor(r)
     return r.gather(1, torch.rand(r.shape, generator=generator).argsort(1))
 
@@ -346,8 +347,8 @@ def parser():
     p.add_argument("name", choices=NAMES, help="what to run")
     g = p.add_argument_group("variants of the loop (lab/FINDINGS_maze.md)")
     g.add_argument("--control", action="store_true", help="eta ~ 0 (1e-6) in the loss: the same run, no tilt")
-    g.add_argument("--shuffle_rewards", action="store_true", help="rewards permuted among each prompt's rollouts "
-                                                                  "as they enter the buffer: no signal")
+    g.add_argument("--shuffle_rewards", action="store_true", help="the buffer's rewards permuted among each "
+                                                                  "prompt's rollouts whenever it changes: no signal")
     g.add_argument("--r_offset", type=float, help="the constant c added to r in the loss (default: "
                                                   "-invalid_reward, so that r + c >= 0)")
     g.add_argument("--invalid_reward", type=float, default=env.INVALID_REWARD,

@@ -10,9 +10,11 @@ hold a law?").
 
     python -m lab.refit 400 1e-4 0 0.5 paths       # steps, AdamW lr, then the data sets (~4 min each)
     python -m lab.refit 1000 5e-4 1.0 --cosine     # lr decayed to 0 by a cosine, as in pretraining
+
+The reference is the committed base's at dtm.py's defaults (maze/base_reference_32ab4574.npz, the file
+maze.mdm.reference_path names); --reference reads another.
 """
 import argparse
-import glob
 import math
 import os
 import sys
@@ -26,7 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, ROOT)
 import dtm                                                                             # noqa: E402
 from maze import env, exact                                                            # noqa: E402
-from maze.mdm import PROMPT_LEN, Help, elbo_loss, load, mask_completions, training_set  # noqa: E402
+from maze.mdm import (PROMPT_LEN, Help, elbo_loss, load, mask_completions, reference_path,  # noqa: E402
+                      training_set)
 
 
 def resampled(comp, r, prompts, a, rng):
@@ -37,8 +40,13 @@ def resampled(comp, r, prompts, a, rng):
     return dtm.with_prompts(prompts, comp[np.arange(P)[:, None], idx]).flatten(0, 1)
 
 
-def main(steps, lr, names, rollouts_per_prompt=128, cosine=False):
-    ref = np.load(glob.glob(os.path.join(ROOT, "maze", "base_reference_*.npz"))[0])
+BASE = os.path.join(ROOT, "maze", "base.pt")
+
+
+def main(steps, lr, names, rollouts_per_prompt=128, cosine=False, reference=None):
+    """Fine-tune the committed base on each data set of `names`; reference: the .npz of the base's reference
+    rollouts (default: the committed base's at dtm.py's defaults, 2,048 per prompt)."""
+    ref = np.load(reference or reference_path(BASE, dtm.parser().get_default("reference_per_prompt")))
     comp, r = ref["completions"].astype(np.int64), ref["reward"]
     wall = env.make_maze()
     prompts = env.make_prompts(wall)
@@ -50,7 +58,7 @@ def main(steps, lr, names, rollouts_per_prompt=128, cosine=False):
                 else resampled(comp, r, prompts, float(name.removeprefix("valid")), rng))
         if name.startswith("valid"):                                    # its valid rollouts alone
             data = data[env.score(wall, data[:, PROMPT_LEN:].numpy(), data[:, :2].numpy())[0]]
-        model, _ = load(os.path.join(ROOT, "maze", "base.pt"))
+        model, _ = load(BASE)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
         t0 = time.time()
         model.train()
@@ -81,9 +89,11 @@ def parser():
     p.add_argument("lr", type=float, help="AdamW learning rate")
     p.add_argument("names", nargs="+", help="data sets: a tilt a (resampled reference), paths, or valid<a>")
     p.add_argument("--cosine", action="store_true", help="decay the lr to 0 by a cosine")
+    p.add_argument("--reference", help="the base's reference rollouts, a .npz of maze.mdm.cached_rollouts "
+                                       "(default: the committed maze/base.pt's at dtm.py's defaults)")
     return p
 
 
 if __name__ == "__main__":
     a = parser().parse_args()
-    main(a.steps, a.lr, a.names, cosine=a.cosine)
+    main(a.steps, a.lr, a.names, cosine=a.cosine, reference=a.reference)

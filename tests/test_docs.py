@@ -134,6 +134,37 @@ def test_the_elicit_results_file_has_a_row_per_run_and_the_readme_shows_its_tabl
         assert line in readme, line
 
 
+def maze_numbers(h):
+    """The README's maze numbers, rebuilt from a run's history (the committed figures/metrics_phi1_eta0.1.json)."""
+    base, end = h[0], h[-1]
+    pm = lambda row, k, d=3: f"{row[k]:.{d}f} ± {row[k + '_se']:.{d}f}"          # noqa: E731
+    a = f"a = {end['a']:g}"
+    return [f"| the base, {base['n']:,} rollouts | {pm(base, 'validity')} | {pm(base, 'reward')} |",
+            f"| after DTM to {a}, {end['n']:,} rollouts | **{pm(end, 'validity')}** | **{pm(end, 'reward')}** |",
+            f"| the exact tilt of the base at {a} | {end['exact_validity']:.3f} | {end['exact_reward']:.3f} |",
+            f"| realised fraction of the exact gain | **{pm(end, 'realised_validity', 2)}** | "
+            f"**{pm(end, 'realised_reward', 2)}** |",
+            f"{end['distinct_valid_per_prompt']:.1f} ± {end['distinct_valid_per_prompt_se']:.1f} distinct valid paths "
+            f"of 16 per prompt at {a} (base {base['distinct_valid_per_prompt']:.1f})",
+            f"a fifth of the exact gain (validity {pm(end, 'realised_validity', 2)}, reward "
+            f"{pm(end, 'realised_reward', 2)};"]
+
+
+def test_the_readmes_maze_numbers_are_the_committed_runs():
+    """README.md's maze table and the maze numbers of 'What we reproduce', line by line from the committed
+    metrics of the main command (python dtm.py --phi 1 --eta 0.1 --figures figures); its seconds are the run's
+    wall time, at least the phases' own training and evaluation seconds."""
+    import json
+    h = json.load(open(os.path.join(ROOT, "figures", "metrics_phi1_eta0.1.json")))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert h[-1]["a"] == 1.0 and len(h) == 11                       # the main command: 10 phases of eta 0.1
+    for line in maze_numbers(h):
+        assert line in readme, line
+    seconds = int(re.search(r"seed 0, (\d+) s\)", readme).group(1))
+    phases = sum(r.get("train_s", 0) + r.get("eval_s", 0) for r in h)
+    assert phases <= seconds <= phases + 30, (phases, seconds)
+
+
 def imported_modules(path):
     """The top-level names of every module a file imports (import x.y, from x.y import z: x)."""
     import ast
@@ -156,3 +187,21 @@ def test_the_library_imports_no_script_and_not_the_lab(path):
 @pytest.mark.parametrize("path", ["dtm.py", "grpo.py", "llada_finetune.py"])
 def test_the_scripts_do_not_import_the_lab(path):
     assert "lab" not in imported_modules(path)
+
+
+def test_a_slow_test_named_by_its_node_id_is_collected_and_its_file_alone_leaves_it_out(tmp_path):
+    """conftest.py: the default run leaves the slow tests out, but one named by its node id runs (here a copy of
+    the conftest beside a file of one slow and one fast test, collected by a pytest of its own)."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path)
+    (tmp_path / "test_two.py").write_text("import pytest\n\n\n@pytest.mark.slow\ndef test_slow():\n    pass\n\n\n"
+                                          "def test_fast():\n    pass\n")
+
+    def collected(*args):
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                           cwd=tmp_path, capture_output=True, text=True)
+        return [line for line in r.stdout.splitlines() if "::" in line]
+    assert collected("test_two.py") == ["test_two.py::test_fast"]
+    assert collected("test_two.py::test_slow") == ["test_two.py::test_slow"]

@@ -148,6 +148,15 @@ def test_bad_input_gives_one_line_error_not_traceback(args, message):
     assert message in res.stderr.strip().splitlines()[-1]
 
 
+def test_a_missing_base_is_reported_before_the_out_folder_is_made(tmp_path):
+    """dtm.py checks --base first, so that a mistyped path leaves nothing behind (the tests above run with
+    the default --out, runs/dtm in the repository)."""
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit, match="error: checkpoint not found: no/such/file.pt"):
+        dtm.main(["--base", "no/such/file.pt", "--out", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_resume_continues_after_the_last_finished_phase(tiny_base, tmp_path):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")

@@ -213,11 +213,13 @@ def test_maskings_mask_each_rollout_k_times_and_train_on_every_copy(tiny_base):
     the copies (dtm_loss of the rollouts repeated); c4k4 is c4's compute as 4 maskings of 64 rollouts."""
     args = parse(["--maskings", "3", "--base", tiny_base])
     v = experiments.Variant(args)
-    x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], torch.randint(5, (2, 2, 64))).flatten(0, 1)
+    comp = torch.randint(5, (2, 2, 64), generator=torch.Generator().manual_seed(1))
+    x1 = dtm.with_prompts(env.make_prompts(env.make_maze())[:2], comp).flatten(0, 1)
     x_t, mask, tw = v.masked_states(x1, None, torch.Generator().manual_seed(0), 64)
     assert x_t.shape == (12, 67) and torch.equal(torch.where(mask, x1.repeat(3, 1), x_t), x1.repeat(3, 1))
     assert not torch.equal(mask[:4], mask[4:8])                               # masked afresh each time
-    logits, teacher = torch.randn(int(mask.sum()), 9), torch.randn(int(mask.sum()), 9)
+    g = torch.Generator().manual_seed(2)
+    logits, teacher = torch.randn(int(mask.sum()), 9, generator=g), torch.randn(int(mask.sum()), 9, generator=g)
     r, group = torch.tensor([0.0, 1.0, 0.5, 2.0]), torch.tensor([0, 0, 1, 1])
     loss = v.loss(logits, teacher, x1, mask, r, tw, 0.1, group, None)
     assert loss == dtm.dtm_loss(logits, teacher, x1.repeat(3, 1), mask, r.repeat(3) + args.r_offset, tw, 0.1, 1.0,

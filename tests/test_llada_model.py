@@ -96,7 +96,8 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny):
 
 # ----------------------------------------------------------------------------- safetensors
 def test_safetensors_round_trip_of_every_supported_dtype(tmp_path):
-    ts = {f"t_{name}": torch.randn(3, 5).to(dt) for name, dt in lm.DTYPES.items()}
+    g = torch.Generator().manual_seed(0)
+    ts = {f"t_{name}": torch.randn(3, 5, generator=g).to(dt) for name, dt in lm.DTYPES.items()}
     ts["empty"] = torch.zeros(0, 4)
     lm.save_safetensors(ts, str(tmp_path / "x.safetensors"), {"k": "v"})
     back = lm.load_safetensors(str(tmp_path / "x.safetensors"))
@@ -134,6 +135,42 @@ def test_bad_safetensors_files_raise_a_clear_error(tmp_path, case, header, data,
         lm.load_safetensors(write_raw(tmp_path / "bad.safetensors", header, data))
 
 
+def hand_built(path, entries, data, pad=11):
+    """A safetensors file written byte by byte: the header's JSON (its entries in the order given, so not
+    necessarily the data's), padded with `pad` spaces, then the raw data. Independent of save_safetensors."""
+    raw = ("{" + ", ".join(f'"{k}": {json.dumps(v)}' for k, v in entries) + "}" + " " * pad).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return str(path)
+
+
+def test_a_hand_built_file_with_its_header_out_of_data_order_mixed_dtypes_and_padding_loads_its_values(tmp_path):
+    """The data holds bf16 [1.0, -3.5], then f32 [[1.5, -2], [0.25, 3]], then f16 [0.5, -1, 2]; the header
+    names them f32, metadata, f16, an empty tensor, bf16; the JSON is followed by spaces (as the format allows),
+    here 12, so that the data starts at a byte that is not a multiple of 8."""
+    bf16 = bytes([0x80, 0x3F, 0x60, 0xC0])                          # the high halves of f32 0x3F800000, 0xC0600000
+    f32 = struct.pack("<4f", 1.5, -2.0, 0.25, 3.0)
+    f16 = struct.pack("<3e", 0.5, -1.0, 2.0)
+    entries = [("w.f32", dict(dtype="F32", shape=[2, 2], data_offsets=[4, 20])),
+               ("__metadata__", dict(format="pt")),
+               ("w.f16", dict(dtype="F16", shape=[3], data_offsets=[20, 26])),
+               ("w.empty", dict(dtype="F32", shape=[0, 3], data_offsets=[20, 20])),
+               ("w.bf16", dict(dtype="BF16", shape=[2], data_offsets=[0, 4]))]
+    path = hand_built(tmp_path / "hand.safetensors", entries, bf16 + f32 + f16, pad=12)
+    header, meta, start = lm.read_safetensors_header(path)
+    assert meta == {"format": "pt"} and (start - 8) % 8 != 0 and list(header) == ["w.f32", "w.f16", "w.empty",
+                                                                                  "w.bf16"]
+    t = lm.load_safetensors(path)
+    assert t["w.bf16"].dtype == torch.bfloat16 and t["w.bf16"].tolist() == [1.0, -3.5]
+    assert t["w.f32"].dtype == torch.float32 and t["w.f32"].tolist() == [[1.5, -2.0], [0.25, 3.0]]
+    assert t["w.f16"].dtype == torch.float16 and t["w.f16"].tolist() == [0.5, -1.0, 2.0]
+    assert t["w.empty"].shape == (0, 3)
+    # the same header with the f16 tensor moved 2 bytes earlier (an overlap) or later (a gap) is refused
+    for begin, message in ((18, "overlap"), (22, "gap")):
+        moved = [(k, dict(v, data_offsets=[begin, begin + 6]) if k == "w.f16" else v) for k, v in entries]
+        with pytest.raises(lm.CheckpointError, match=message):
+            lm.load_safetensors(hand_built(tmp_path / f"{message}.safetensors", moved, bf16 + f32 + f16 + b"\0\0"))
+
+
 def test_a_header_that_names_a_tensor_twice_is_refused_not_read_as_the_last(tmp_path):
     """JSON keeps the last of two equal keys, so such a file would load one tensor and hide the other."""
     entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
@@ -146,7 +183,7 @@ def test_a_header_that_names_a_tensor_twice_is_refused_not_read_as_the_last(tmp_
 
 def test_truncated_file_and_header_past_eof_raise_a_clear_error(tmp_path):
     good = str(tmp_path / "good.safetensors")
-    lm.save_safetensors({"w": torch.randn(64)}, good)
+    lm.save_safetensors({"w": torch.randn(64, generator=torch.Generator().manual_seed(1))}, good)
     blob = open(good, "rb").read()
     for name, content, message in [("short", blob[:5], "too short"),
                                    ("cut", blob[:-10], "outside"),
@@ -161,7 +198,9 @@ def test_truncated_file_and_header_past_eof_raise_a_clear_error(tmp_path):
 def test_3000_mutated_files_load_or_raise_checkpoint_error_never_anything_else(tmp_path):
     """Byte flips, truncations, and edits of the header's length and fields of a valid 3-tensor file."""
     good = str(tmp_path / "good.safetensors")
-    lm.save_safetensors({"a": torch.randn(3, 2), "b": torch.zeros(0, 5), "c": torch.randn(4).half()}, good)
+    g = torch.Generator().manual_seed(2)
+    lm.save_safetensors({"a": torch.randn(3, 2, generator=g), "b": torch.zeros(0, 5),
+                         "c": torch.randn(4, generator=g).half()}, good)
     blob, rng = open(good, "rb").read(), random.Random(0)
     n = struct.unpack("<Q", blob[:8])[0]
     header = json.loads(blob[8:8 + n])
@@ -330,8 +369,11 @@ def test_cached_sampler_refreshed_every_step_is_the_exact_sampler_and_agrees_oth
     assert torch.equal(sampler.generate(model, prompt, None, 32, 16, 8, cache=cache, refresh=1), exact)
     agree = (sampler.generate(model, prompt, None, 32, 16, 8, cache=cache) == exact).float().mean().item()
     # The tiny model's random weights (std 0.3) make it chaotic: one changed token changes the rest of the
-    # row. Measured: prefix 0.50, dual 0.41 on these prompts (chance: 1/320). llada/README.md: the agreement to expect.
-    assert agree > 0.35
+    # row, so another torch or BLAS build that rounds one logit across a tie lands on other rows. Measured here:
+    # prefix 0.50, dual 0.41 on these prompts (chance: 1/320); on 30 other sets of 16 prompts (seeds 1000-1029,
+    # standing in for such a build) prefix 0.438 ± sd 0.051 (0.338-0.547), dual 0.367 ± sd 0.047 (0.287-0.471).
+    # The bar is 4.6 sd below dual's mean there and 50x chance. llada/README.md: the agreement to expect.
+    assert agree > 0.15
 
 
 class Spy(torch.nn.Module):
@@ -361,7 +403,7 @@ def test_sampler_reveals_the_scheduled_counts_block_by_block_and_keeps_the_promp
 
 
 def test_sampler_is_deterministic_at_temperature_zero_and_seeded_above(model):
-    prompt = torch.randint(6, 300, (2, 4))
+    prompt = torch.randint(6, 300, (2, 4), generator=torch.Generator().manual_seed(11))
     def g(T, seed):
         return sampler.generate(model, prompt, None, 8, 4, 4, T, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(g(0.0, 1), g(0.0, 2))

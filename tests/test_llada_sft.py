@@ -32,7 +32,8 @@ class FixedLogits(nn.Module):
 def test_sft_loss_is_the_masked_cross_entropy_weighted_one_over_p_and_divided_by_the_response_length():
     B, P, G, V = 3, 2, 5, 7
     table = torch.randn(P + G, V, generator=torch.Generator().manual_seed(1))
-    prompt, response = torch.randint(V - 1, (B, P)), torch.randint(V - 1, (B, G))
+    g = torch.Generator().manual_seed(2)
+    prompt, response = torch.randint(V - 1, (B, P), generator=g), torch.randint(V - 1, (B, G), generator=g)
     loss = sft.sft_loss(FixedLogits(table), prompt, response, V - 1, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)                                 # the same draws, by hand
     p = (1 - sft.EPS) * torch.rand(B, 1, generator=g) + sft.EPS
@@ -60,7 +61,7 @@ def test_a_new_model_dir_loads_back_with_the_same_logits_through_load_model(smal
                                        "model-00002-of-00002.safetensors", "model.safetensors.index.json",
                                        "tokenizer.json"]
     back = load_model(out)
-    ids = torch.randint(model.cfg.embedding_size, (2, 9))
+    ids = torch.randint(model.cfg.embedding_size, (2, 9), generator=torch.Generator().manual_seed(3))
     assert back.cfg == model.cfg
     assert torch.equal(back(ids), model(ids))
 

@@ -1,12 +1,14 @@
 """The tiny maze MDM's forward process and diagnostics (maze/mdm.py), against their closed forms."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from maze import env
-from maze.mdm import MDM, PROMPT_LEN, Config, mask_along_path, mask_completions, sample, self_consistency_gap
+from maze.mdm import (MDM, PROMPT_LEN, Config, elbo_loss, mask_along_path, mask_completions, sample,
+                      self_consistency_gap)
 
 
 def test_mask_completions_masks_half_the_completion_on_average_and_never_the_prompt():
@@ -116,7 +118,26 @@ def test_a_models_conditionals_are_its_own_posteriors_at_the_samplers_states_not
 
 def test_refit_script_still_fine_tunes_and_scores_the_base():
     """lab/refit.py (the findings' refit table) against the current API: one ELBO step on the base's
-    own resampled rollouts, then one rollout per prompt, scored (8 prompts, equal weights: ESS 8)."""
+    own resampled rollouts, then one rollout per prompt, scored (8 prompts, equal weights: ESS 8). It reads
+    the reference file it names (the committed base's at dtm.py's defaults), not whichever a glob finds first."""
     from lab import refit
+    assert os.path.basename(refit.reference_path(refit.BASE, 2048)) == "base_reference_32ab4574.npz"
     (m,) = refit.main(1, 1e-4, ["0"], rollouts_per_prompt=1)
     assert m["ess"] == pytest.approx(8.0) and 0 <= m["validity"] <= 1 and -1 <= m["reward"] <= 1
+
+
+def test_elbo_loss_is_the_hazard_weighted_masked_nll_per_completion_token():
+    """Eq. 5 by hand: (1 / (B L)) sum_b lambda_b sum_{i masked in b} -log p(x1^i | x_t, i)."""
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 4, 6
+    x1 = torch.randint(V, (B, PROMPT_LEN + L), generator=g)
+    mask = torch.zeros(B, PROMPT_LEN + L, dtype=torch.bool)
+    mask[0, PROMPT_LEN] = mask[1, PROMPT_LEN:] = mask[2, -2:] = True
+    logits = torch.randn(int(mask.sum()), V, generator=g, dtype=torch.float64)
+    hazard = torch.tensor([1.5, 4.0, 2.0], dtype=torch.float64)
+    logp, k, hand = torch.log_softmax(logits, -1), 0, 0.0
+    for b in range(B):
+        for i in mask[b].nonzero()[:, 0].tolist():
+            hand += hazard[b] * -logp[k, x1[b, i]]
+            k += 1
+    torch.testing.assert_close(elbo_loss(logits, x1, mask, hazard), hand / (B * L), rtol=1e-12, atol=0)
