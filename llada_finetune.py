@@ -131,6 +131,9 @@ def dtm_flags(g):
                    help="prompts whose teacher rollouts each phase holds out for its health check, the change "
                         "of its objective there (< 0 by more than its SE: the phase learned; else it fitted "
                         "noise); 0: off (default: 16)")
+    g.add_argument("--held_out_maskings", type=int,
+                   help="maskings of each held-out rollout (their mean is its change): the check's masking noise "
+                        "falls with them at no cost in rollouts (default: 4)")
     g.add_argument("--z", choices=["prompt", "buffer"],
                    help="Z = E_a[e^{eta r}] per prompt or over the whole buffer")
     g.add_argument("--masking", choices=["sar", "any_order"], default="sar",
@@ -141,13 +144,30 @@ def dtm_flags(g):
                    help="how a step draws its rows from the buffer: uniform (the paper); tilted, with probability "
                         "e^{eta r}/Z each, importance-weighted back (the same expected loss; at large eta "
                         "the batch is not spent on rows of weight ~0) (default: uniform)")
+    g.add_argument("--shift", choices=["buffer", "prompt"],
+                   help="r minus its minimum over the buffer, or over each prompt's rollouts (then a prompt "
+                        "whose rollouts tie carries only the teacher term); the same tilt and minimiser "
+                        "(default: buffer)")
+    g.add_argument("--block_count", choices=["0..b", "1..b"],
+                   help="SAR masking's number of counted masks in the active block: 0..b (t ~ U(0, 1), each "
+                        "token masked with probability 1 - t, hazard weight; 1/(b+1) of the rows count "
+                        "nothing) or 1..b (uniform, weight 1/count: the same expected loss, no empty rows; "
+                        "the authors' draw) (default: 0..b)")
+    g.add_argument("--reset_optimizer", choices=["phase", "never"],
+                   help="a fresh AdamW at every phase (the authors'), or its moments carried across phases "
+                        "(default: phase)")
+    g.add_argument("--warmup_steps", type=int,
+                   help="lr warm-up steps at the start of each phase (0: 5%% of the phase, at least 1; the "
+                        "released) (default: 0)")
     g.add_argument("--control", action="store_true",
                    help="the no-tilt control: every step, the rewards are shuffled over the buffer (by a "
                         "generator of their own) before the weights, so they carry no signal and the rest "
                         "of the run, its loss noise included, is DTM's")
     g.add_argument("--phase_eval", type=int, help="evaluate the student on the first N test items (the --eval "
                                                   "protocol, first --eval_lengths) at the start and after "
-                                                  "every phase, into metrics.jsonl (default: 0, off)")
+                                                  "every --eval_every phases, into metrics.jsonl (default: 0, off)")
+    g.add_argument("--eval_every", type=int, help="--phase_eval: phases (or --method grpo's iterations) between "
+                                                  "evaluations; the last is always evaluated (default: 1)")
 
 
 def grpo_flags(r):
@@ -161,7 +181,6 @@ def grpo_flags(r):
     r.add_argument("--iterations", type=int, help="GRPO iterations (rollouts = iterations x prompts x G)")
     r.add_argument("--ref_sync", type=int, help="iterations between re-syncs of the reference to the policy "
                                                 "(d1: 64 steps = 5 iterations of 12; 0: never)")
-    r.add_argument("--eval_every", type=int, default=2, help="--phase_eval: iterations between evaluations")
 
 
 def model_flags(s):
@@ -182,6 +201,9 @@ def model_flags(s):
     s.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     s.add_argument("--save_every", type=int, default=50, help="steps between state saves (0: phase ends only)")
     s.add_argument("--stop_after", type=int, default=0, help="save and stop after this many steps in all")
+    s.add_argument("--max_seconds", type=float, default=0, help="stop after the phase (or --method grpo's iteration) "
+                                                                "in which training passes this many seconds, "
+                                                                "evaluations left out (0: no limit)")
     s.add_argument("--seed", type=int, default=0, help="seeds data, masking, sampling (rank r: seed + r)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda: bf16 weights and autocast; cpu: float32")
@@ -205,6 +227,7 @@ def parse(argv=None):
         ((args.gen_length // args.tokens_per_step) % (args.gen_length // args.block_length),
          "gen_length / tokens_per_step steps must split evenly over the blocks"),
         (args.refresh_prompts > args.buffer_prompts, "--refresh_prompts exceeds --buffer_prompts"),
+        (args.held_out_maskings < 1 or args.eval_every < 1, "--held_out_maskings and --eval_every must be >= 1"),
         (not args.bench_shape and not args.model_dir, "--model_dir is required (except with --bench_shape)"),
         (args.model_dir and not os.path.isdir(args.model_dir), f"--model_dir {args.model_dir} is not a directory"),
         (args.method == "grpo" and args.completions < 2, "--method grpo needs --completions >= 2 (a group)"),

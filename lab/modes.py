@@ -131,6 +131,8 @@ def load(model_dir, adapter=None, device="cpu"):
     model, tok = load_model(model_dir, device), load_tokenizer(model_dir)
     if adapter:
         path = os.path.join(adapter, "adapter_config.json")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such file (a run saves its adapter at each phase's end)")
         try:
             with open(path) as f:
                 c = json.load(f)
@@ -154,6 +156,8 @@ def measure(model, tok, items, wrong, samples=8, seed=0, a_grid=A_GRID, **sample
         texts, r = sample(model, tok, items, n, T, generator=gen, **sampler)
         m = torch.tensor([[mode_of(t, it, wrong) for t in row] for row, it in zip(texts, items)])
         out[name] = dict(shares(m), reward=r.mean().item(), reward_se=(r.mean(1).std() / len(r) ** 0.5).item())
+        solved = (m == 0).any(1).double()                                          # pass@n: any sample true
+        out[name].update(pass_at=n, solved=solved.mean().item(), solved_se=(solved.std() / len(solved) ** 0.5).item())
         per[name] = dict(reward=r.mean(1).tolist(), true=(m == 0).double().mean(1).tolist(), r=r.tolist(),
                          modes=m.tolist())
         if name == "t1":
@@ -173,11 +177,34 @@ def realised_against(reference, result, a):
     return {k: realised(t(ref, k), t(new, k), per[a][j]) for j, k in enumerate(("reward", "true"))}
 
 
+def by_base_share(reference, result):
+    """Where a model stands below the tilt's ceiling: the test puzzles grouped by how many of the base's n
+    temperature-1 samples solve each (reference: the base's measure() with many samples, e.g. 64; groups 0, 1,
+    2 to n/8, ..., n/2 + 1 to n), and in each group this model's greedy share solved and its temperature-1
+    modes. Returns rows of (group, puzzles, greedy solved, t1 true, t1 wrong, t1 other)."""
+    base = torch.tensor(reference["per_prompt"]["t1"]["modes"])                     # (P, n)
+    solved, n = (base == 0).sum(1), base.shape[1]
+    greedy = torch.tensor(result["per_prompt"]["greedy"]["modes"])[:, 0] == 0
+    t1 = torch.tensor(result["per_prompt"]["t1"]["modes"])
+    if len(solved) != len(greedy):
+        raise ValueError(f"the reference has {len(solved)} test puzzles, this model {len(greedy)}")
+    rows, edges = [], sorted({0, 1, n // 8, n // 4, n // 2, n})
+    for lo, hi in zip([-1] + edges[:-1], edges):
+        pick = (solved > lo) & (solved <= hi)
+        if pick.any():
+            rows.append((f"{hi} of {n}" if hi - lo == 1 else f"{lo + 1}-{hi} of {n}", int(pick.sum()),
+                         greedy[pick].double().mean().item(),
+                         *((t1[pick] == k).double().mean().item() for k in range(3))))
+    return rows
+
+
 def report(res, name):
     g, t = res["greedy"], res["t1"]
     line = lambda s: " / ".join(f"{s[m]:.3f}" for m in MODES)                         # noqa: E731
     print(f"{name}: greedy true / wrong / other {line(g)}; temperature 1: {line(t)} "
-          f"(SE {t['true_se']:.3f}); mean reward at temperature 1 {t['reward']:.3f} ± {t['reward_se']:.3f}")
+          f"(SE {t['true_se']:.3f}); mean reward at temperature 1 {t['reward']:.3f} ± {t['reward_se']:.3f}; "
+          f"pass@{t['pass_at']} (puzzles solved by any of the samples; of the base with many samples: the exact "
+          f"tilt's whole-puzzle accuracy as a -> infinity) {t['solved']:.3f} ± {t['solved_se']:.3f}")
 
 
 def parser():
@@ -228,6 +255,10 @@ def main(argv=None):
         r = res["realised"]
         print(f"realised fraction of the base's tilt at a = {args.a:g}: reward {r['reward']['fraction']:.2f} ± "
               f"{r['reward']['se']:.2f}, true share {r['true']['fraction']:.2f} ± {r['true']['se']:.2f}")
+        print("| the base's share of true samples per puzzle | puzzles | this model, greedy: solved | temperature 1:"
+              " true / wrong / other |\n|---|---|---|---|")
+        for b, n, g, *m in by_base_share(reference, res):
+            print(f"| {b} | {n} | {g:.3f} | {' / '.join(f'{x:.3f}' for x in m)} |")
     out = args.out or os.path.join(os.path.dirname(args.adapter.rstrip("/")) if args.adapter else args.model_dir,
                                    "modes.json")
     with open(out, "w") as f:

@@ -63,6 +63,7 @@ def parser():
     p.add_argument("--batch_sample", type=int, default=128, help="sequences per sampling batch")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default="short", help="prompts and rewards")
     p.add_argument("--eval_limit", type=int, default=256, help="test puzzles of the greedy evaluation")
+    p.add_argument("--eval_every", type=int, default=1, help="rounds between evaluations (the last is always)")
     p.add_argument("--seed", type=int, default=0, help="seeds the puzzles, the samples and the SFT masks")
     return p
 
@@ -70,8 +71,8 @@ def parser():
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if min(args.rounds, args.prompts, args.samples, args.steps, args.batch) < 1:
-        p.error("--rounds, --prompts, --samples, --steps and --batch must be at least 1")
+    if min(args.rounds, args.prompts, args.samples, args.steps, args.batch, args.eval_every) < 1:
+        p.error("--rounds, --prompts, --samples, --steps, --batch and --eval_every must be at least 1")
     try:
         model, tok = load_model(args.model_dir).requires_grad_(True), load_tokenizer(args.model_dir)
         record = {}                                     # the base's SFT record (its mixture), carried over
@@ -111,7 +112,8 @@ def main(argv=None):
         train(model, next_batch, args.steps, args.lr, gen, warmup=max(1, args.steps // 10), desc=f"rft {k}")
         model.requires_grad_(True)
         seconds += time.perf_counter() - t0
-        evaluation(k)
+        if k % args.eval_every == 0 or k == args.rounds:
+            evaluation(k)
     log.close()
     save_model_dir(model, tok, os.path.join(args.out, "model"),
                    extra={**record, "rft.json": dict(vars(args), rollouts=rollouts, seconds=seconds)})

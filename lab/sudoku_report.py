@@ -153,6 +153,26 @@ def cost_table(groups):
     return lines
 
 
+def at_table(groups, budgets, seconds=False):
+    """Markdown rows: each group's test cell accuracy at each budget of rollouts (or of training seconds): its
+    last evaluation within it, mean ± SE over seeds, and its difference from the first group's run of the same
+    seed (paired by order: give the seeds in the same order), mean ± SE over the pairs."""
+    curves = {name: [cost_curve(r) for r in runs] for name, runs in groups.items()}
+    first = next(iter(curves.values()))
+    x = 1 if seconds else 0
+    pick = lambda c, R: c[np.searchsorted(c[:, x], R + 0.5) - 1, 2]                  # noqa: E731
+    unit = (lambda R: f"{R:,} s") if seconds else (lambda R: f"{R:,} rollouts")      # noqa: E731
+    lines = ["| runs | seeds | " + " | ".join(unit(R) for R in budgets) + " | " +
+             " | ".join(f"paired, {unit(R)}" for R in budgets) + " |", "|---|---|" + "---|" * 2 * len(budgets)]
+    for name, cs in curves.items():
+        acc = [spread([pick(c, R) for c in cs]) for R in budgets]
+        pairs = [[pick(c, R) - pick(f, R) for c, f in zip(cs, first)] for R in budgets]
+        diff = ["-" if cs is first else f"{np.mean(d):+.3f} ± {np.std(d, ddof=1) / len(d) ** 0.5:.3f}"
+                if len(d) > 1 else f"{d[0]:+.3f} (1 seed)" for d in pairs]
+        lines.append(f"| {name} | {len(cs)} | " + " | ".join(acc) + " | " + " | ".join(diff) + " |")
+    return lines
+
+
 def run_record(run):
     """The seed of a run, and of its end (`python -m lab.modes`) the temperature-1 true-solution share and
     the realised fraction of the base's tilt of the mean reward with its SE, from the files the scripts leave:
@@ -174,53 +194,82 @@ def run_record(run):
     return seed, modes.get("t1", {}).get("true"), got.get("fraction"), got.get("se")
 
 
-def results(groups):
+def ceiling(path):
+    """The tilt's ceiling in whole puzzles: the base's pass@n (the share of test puzzles that any of its n
+    temperature-1 samples solves), from `python -m lab.modes --samples n` (its modes.json)."""
+    with open(path) as f:
+        t1 = json.load(f)["t1"]
+    return t1["solved"], t1["pass_at"]
+
+
+def results(groups, ceiling_whole=None):
     """One row per run for figures/elicit.json: method (the group's name), seed, base and final test cell
-    accuracy and whole puzzles, the end's true-solution share at temperature 1, training rollouts, seconds."""
+    accuracy and whole puzzles, the end's true-solution share at temperature 1, rollouts (every one drawn),
+    training seconds, the curve ({rollouts, seconds, acc, whole} at each evaluation, from the base on) and the
+    tilt's ceiling in whole puzzles (the base's pass@n, `ceiling`)."""
     rows = []
     for name, runs in groups.items():
         for run in runs:
             c, (seed, true, realised, realised_se) = cost_curve(run), run_record(run)
             rows.append(dict(method=name, seed=seed, base_acc=c[0, 2], final_acc=c[-1, 2], base_whole=c[0, 3],
                              final_whole=c[-1, 3], true_share=true, rollouts=int(c[-1, 0]), seconds=c[-1, 1],
-                             realised=realised, realised_se=realised_se, run=run))
+                             realised=realised, realised_se=realised_se, run=run, ceiling_whole=ceiling_whole,
+                             curve=[dict(rollouts=int(x[0]), seconds=float(x[1]), acc=float(x[2]), whole=float(x[3]))
+                                    for x in c]))
     return rows
 
 
 def results_table(rows):
     """Markdown rows of results(): per method, the end over its seeds (mean ± SE over seeds), as the README
     shows them (tests/test_docs.py checks that it does)."""
-    lines = ["| method | seeds | training rollouts | seconds | test cell accuracy, base -> end | whole puzzles, "
-             "base -> end | true solutions at temperature 1 | realised fraction of the tilt (reward) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | rollouts | seconds | test cell accuracy, base -> end | whole puzzles, "
+             "base -> end | whole puzzles / the tilt's ceiling | true solutions at temperature 1 | realised fraction "
+             "of the tilt (reward) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         col = lambda k: [r[k] for r in rs]                                            # noqa: E731
         opt = lambda k: spread(col(k)) if None not in col(k) else "-"                 # noqa: E731
+        of_ceiling = (spread([r["final_whole"] / r["ceiling_whole"] for r in rs])
+                      if all(r.get("ceiling_whole") for r in rs) else "-")
         lines.append(f"| {m} | {len(rs)} | {np.mean(col('rollouts')):.0f} | {np.mean(col('seconds')):.0f} | "
                      f"{np.mean(col('base_acc')):.3f} -> {spread(col('final_acc'))} | "
-                     f"{np.mean(col('base_whole')):.3f} -> {spread(col('final_whole'))} | {opt('true_share')} | "
-                     f"{opt('realised')} |")
+                     f"{np.mean(col('base_whole')):.3f} -> {spread(col('final_whole'))} | {of_ceiling} | "
+                     f"{opt('true_share')} | {opt('realised')} |")
     return lines
 
 
-def plot_cost(groups, png, title):
-    """Test cell accuracy against training rollouts and against training seconds, mean over seeds."""
+def shared_curves(runs):
+    """The cost curves of a group's seeds at the numbers of rollouts that every seed evaluated (a seed may
+    have evaluated more often): (seeds, shared, 4) of (rollouts, seconds, cell accuracy, whole puzzles)."""
+    curves = [cost_curve(r) for r in runs]
+    shared = sorted(set.intersection(*(set(c[:, 0].tolist()) for c in curves)))
+    return np.stack([c[np.isin(c[:, 0], shared)] for c in curves])
+
+
+def plot_cost(groups, png, title, ceiling_whole=None):
+    """Test cell accuracy (top) and whole puzzles (bottom, with the tilt's ceiling) against rollouts and
+    against training seconds, mean ± SE over seeds at each number of rollouts that every seed evaluated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (name, runs), colour in zip(groups.items(), ["C0", "C3", "C2", "C1", "C4"]):
-        curves = [cost_curve(r) for r in runs]
-        n = min(len(c) for c in curves)
-        c = np.stack([k[:n] for k in curves])                                          # (seeds, n, 4)
-        se = c[:, :, 2].std(0, ddof=1) / len(c) ** 0.5 if len(c) > 1 else None
-        for ax, j in zip(axes, (0, 1)):
-            ax.errorbar(c[:, :, j].mean(0), c[:, :, 2].mean(0), yerr=se, color=colour, lw=2, capsize=3, marker="o",
-                        ms=3, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-    for ax, xlabel in zip(axes, ("training rollouts", "training seconds (1 thread, 2 jobs on 2 cores)")):
-        ax.set(xlabel=xlabel, ylabel="test cell accuracy (256 puzzles, greedy)")
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    for (name, runs), colour in zip(groups.items(), ["C0", "C3", "C2", "C1", "C4", "C5", "C6"]):
+        c = shared_curves(runs)
+        for row, y in enumerate((2, 3)):
+            se = c[:, :, y].std(0, ddof=1) / len(c) ** 0.5 if len(c) > 1 else None
+            for ax, x in zip(axes[row], (0, 1)):
+                ax.errorbar(c[:, :, x].mean(0), c[:, :, y].mean(0), yerr=se, color=colour, lw=2, capsize=3,
+                            marker="o", ms=3, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    if ceiling_whole is not None:
+        for ax in axes[1]:
+            line = ax.axhline(ceiling_whole, color="k", ls="--", lw=1, label="the tilt's ceiling (the base's pass@64)")
+    for row, ylabel in enumerate(("test cell accuracy (256 puzzles, greedy)", "whole puzzles solved (greedy)")):
+        for ax, xlabel in zip(axes[row], ("rollouts (every one drawn)", "training seconds (1 thread, 2 jobs on 2 "
+                                                                         "cores)")):
+            ax.set(xlabel=xlabel, ylabel=ylabel if ax is axes[row][0] else None)
+    axes[0][0].legend(fontsize=8)
+    if ceiling_whole is not None:
+        axes[1][0].legend(fontsize=8, handles=[line])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -236,7 +285,15 @@ def parser():
                                          "here, and print each group at its end and at the first group's end "
                                          "seconds (runs that logged them: DTM and --method grpo)")
     p.add_argument("--json", help="write one row per run here (results: method, seed, base and final accuracy "
-                                  "and whole puzzles, true share, rollouts, seconds; e.g. figures/elicit.json)")
+                                  "and whole puzzles, true share, rollouts, seconds, the curve; e.g. "
+                                  "figures/elicit.json)")
+    p.add_argument("--at", type=int, nargs="+", metavar="ROLLOUTS",
+                   help="print each group's test accuracy at these rollouts, and its difference from the first "
+                        "group's run of the same seed (give the seeds in the same order)")
+    p.add_argument("--at_seconds", type=int, nargs="+", metavar="SECONDS",
+                   help="the same at these training seconds")
+    p.add_argument("--ceiling", help="the base's modes.json of python -m lab.modes --samples 64: its pass@64, the "
+                                     "tilt's ceiling in whole puzzles, goes into --json and the figure")
     p.add_argument("--buffer_tilt", action="store_true", help="add how far each run's last phase moved its own "
                                                                "buffer towards the tilt (mean over seeds)")
     p.add_argument("--title", default="small LLaDA, 4x4 Sudoku: DTM against its control", help="figure title")
@@ -251,13 +308,17 @@ def main(argv=None):
     if missing or any(not runs for runs in groups.values()):
         p.error(f"no metrics.jsonl in {missing[0]}" if missing else "each --group needs at least one run")
     print("\n".join(table(groups, args.buffer_tilt)))
+    if args.at:
+        print("\n".join(at_table(groups, args.at)))
+    if args.at_seconds:
+        print("\n".join(at_table(groups, args.at_seconds, seconds=True)))
     if args.figure:
         plot(groups, args.figure, args.title)
     if args.cost_figure:
         print("\n".join(cost_table(groups)))
-        plot_cost(groups, args.cost_figure, args.title)
+        plot_cost(groups, args.cost_figure, args.title, ceiling(args.ceiling)[0] if args.ceiling else None)
     if args.json:
-        rows = results(groups)
+        rows = results(groups, ceiling(args.ceiling)[0] if args.ceiling else None)
         print("\n".join(results_table(rows)))
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -110,9 +110,9 @@ class GRPOTrainer:
             t.n_rollouts += len(adv) * t.world
             t.log(iteration=it, rollouts=t.n_rollouts, loss=loss_sum, kl=kl_sum, grad_norm=float(gnorm),
                   reward=data["r"].mean().item(), seconds=round(time.time() - t.t_start - t.eval_s, 1))
-            if a.phase_eval and (it % a.eval_every == 0 or it == a.iterations):
+            if a.phase_eval and (it % a.eval_every == 0 or it == a.iterations or t.out_of_time()):
                 t.test_accuracy(iteration=it, rollouts=t.n_rollouts)
-            if t.stop:
+            if t.stop or t.out_of_time():
                 print(f"stopped after iteration {it}; the adapter is saved")
                 return
 

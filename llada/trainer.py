@@ -34,21 +34,37 @@ def stratified_t(B, generator=None, device="cpu"):
     return t[torch.randperm(B, generator=generator, device=device)]
 
 
-def sar_mask(comp, block_length, mask_id, generator=None):
+def sar_mask(comp, block_length, mask_id, generator=None, count="0..b"):
     """SAR-aligned forward process (App. C) on completions comp (B, G), as the sampler sees them:
     an active block k ~ U{0..K-1} per sequence; blocks before k clean, blocks after k fully masked;
     inside block k each token masked with probability 1 - kappa(t) = 1 - t, t ~ U(0, 1) stratified
     over the batch. Only the masked tokens of block k count, with the hazard weight
-    kappa'(t) / (1 - kappa(t)) = 1 / (1 - t), divided by the block length (the constant K dropped).
-    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,)."""
+    kappa'(t) / (1 - kappa(t)) = 1 / (1 - t), divided by the block length b (the constant K dropped).
+    The number of counted masks m is then uniform on {0..b}: 1/(b+1) of the rows count nothing.
+
+    count="1..b" (the authors' draw): m ~ U{1..b}, m positions of block k drawn uniformly, weight 1/m. A
+    given set S of m masks has probability 1/((b+1) C(b, m)) above, where its weight averages
+    E[1/((1-t) b) | S] = (b+1)/(b m) (t | S is Beta: 1 - t ~ Beta(m+1, b-m+1)); here probability 1/(b C(b, m))
+    and weight 1/m. Both products are 1/(b m C(b, m)): the same expected loss, state by state (so the same
+    minimiser and scale), with no empty rows and no 1/(1-t) spikes.
+    Returns x_t (B, G), counted (B, G) bool, time_weight (B,), t (B,) (1..b: t = 1 - m/b)."""
     B, G = comp.shape
     dev = comp.device
     k = torch.randint(G // block_length, (B,), generator=generator, device=dev)
-    t = stratified_t(B, generator, dev)
     blk = torch.arange(G, device=dev) // block_length                  # block of each position
-    counted = (blk == k[:, None]) & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
+    active = blk == k[:, None]                                         # (B, G)
+    if count == "1..b":
+        m = torch.randint(1, block_length + 1, (B,), generator=generator, device=dev)
+        keys = torch.rand(B, G, generator=generator, device=dev).masked_fill(~active, 2.0)   # block k's first
+        rank = keys.argsort(1).argsort(1)                              # each position's place in that order
+        counted = rank < m[:, None]
+        t, time_weight = 1.0 - m / block_length, 1.0 / m
+    else:
+        t = stratified_t(B, generator, dev)
+        counted = active & (torch.rand(B, G, generator=generator, device=dev) < (1 - t)[:, None])
+        time_weight = 1.0 / (1.0 - t).clamp_min(1e-3) / block_length
     x_t = torch.where(counted | (blk > k[:, None]), torch.full_like(comp, mask_id), comp)
-    return x_t, counted, 1.0 / (1.0 - t).clamp_min(1e-3) / block_length, t
+    return x_t, counted, time_weight, t
 
 
 def any_order_mask(comp, mask_id, generator=None):
@@ -63,9 +79,10 @@ def any_order_mask(comp, mask_id, generator=None):
     return comp.masked_fill(counted, mask_id), counted, 1.0 / (1.0 - t).clamp_min(1e-3) / G, t
 
 
-def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1):
-    """Per phase (released code): linear warm-up over 5% of the steps, flat, linear decay over the last 10%."""
-    w, d = max(1, round(warmup * n)), max(1, round(decay * n))
+def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1, warmup_steps=None):
+    """Per phase (released code): linear warm-up over 5% of the steps (or warmup_steps), flat, linear decay
+    over the last 10%."""
+    w, d = warmup_steps or max(1, round(warmup * n)), max(1, round(decay * n))
     if step < w:
         return lr * (step + 1) / w
     if step >= n - d:
@@ -73,11 +90,21 @@ def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1):
     return lr
 
 
+def verdict(held_out_change, held_out_change_se, phase_kl):
+    """The health check in words: the change of the phase's objective on held-out teacher rollouts (x ± se)
+    against the most the phase can lower it (phase_kl, y). Where se > y the check cannot tell."""
+    x, se, y = held_out_change, held_out_change_se, phase_kl
+    if se > y:
+        return f"{x:.2e}: inconclusive: SE {se:.1e} > the phase's bound {y:.1e} (hold out more prompts)"
+    return f"{x:.2e} ± {se:.1e} (the most it can fall: {y:.1e}): " + (
+        "below 0 by more than its SE, the phase learned" if x < -se else "not below 0 by its SE, the phase fitted noise")
+
+
 class Trainer:
     """The annealing loop of DTM for LLaDA, one replay buffer per rank.
 
     for each phase a -> a + eta:
-        teacher adapter := student adapter; fresh AdamW; LR schedule restarts
+        teacher adapter := student adapter; fresh AdamW (unless --reset_optimizer never); LR schedule restarts
         buffer := (prompt, completion, r) from the teacher, `completions` per prompt
         for step in phase:  every refresh_every steps, replace refresh_prompts prompts' rollouts
                             minibatch from the buffer, SAR-masked afresh; dtm_loss; AdamW step
@@ -113,7 +140,7 @@ class Trainer:
         self.a_grid = [min(k * args.eta, args.a_max) for k in range(n + 1)]
         self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
         self.held = None                                               # the phase's held-out rollouts
-        self.n_rollouts = 0                                            # trained on, all ranks (not the check's)
+        self.n_rollouts = 0                                            # every one drawn, all ranks (the check's too)
         self.rollout_batch = None if args.rollout_batch == "auto" else args.rollout_batch
         self.path = os.path.join(args.out, f"state_rank{self.rank}.pt")
         self.stop = False
@@ -193,7 +220,7 @@ class Trainer:
         """The forward process of the loss: SAR-aligned (App. C), or --masking any_order (eq. 9)."""
         if self.args.masking == "any_order":
             return any_order_mask(comp, self.cfg.mask_token_id, gen)
-        return sar_mask(comp, self.args.block_length, self.cfg.mask_token_id, gen)
+        return sar_mask(comp, self.args.block_length, self.cfg.mask_token_id, gen, self.args.block_count)
 
     def loss(self, rows, eta, log_Z, r):
         x1, x_t, am, where, tw = self.inputs(self.buffer, rows)
@@ -207,8 +234,11 @@ class Trainer:
 
     # ---- the health check of a phase (dtm.py: phase_objective)
     def held_out(self):
-        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, masked once (as --masking)."""
+        """held_out_prompts new prompts' teacher rollouts that the phase never trains on, each masked
+        held_out_maskings times (as --masking), once for the phase: rows (maskings x rollouts), copy-major."""
         h = self.rollouts(self.draw_prompts(self.args.held_out_prompts, self.check_gen), self.check_gen)
+        k = self.args.held_out_maskings
+        h = dict(idx=h["idx"].repeat(k), comp=h["comp"].repeat(k, 1), r=h["r"].repeat(k), maskings=k)
         h["c_t"], h["counted"], h["tw"], _ = self.mask(h["comp"], self.check_gen)
         return h
 
@@ -217,7 +247,7 @@ class Trainer:
         """The phase's own objective on the held-out set, per rollout (dtm.py: phase_objective): eq. 16 with
         Z over the set (per prompt or pooled, as --z). student=False: the teacher's, at the phase's start."""
         args, h = self.args, self.held
-        r = h["r"] - h["r"].min()
+        r = self.shift(h)
         log_Z = self.log_mean_exp(eta * r.double(), h["idx"] if args.z == "prompt" else None)
         self.model.eval()
         out = []
@@ -232,13 +262,35 @@ class Trainer:
         self.model.train()
         return torch.cat(out).double()
 
+    def phase_bound(self, eta):
+        """The most the phase can lower its objective: KL(p_{a+eta} || p_a) / G per prompt (Prop. 3.4; dtm.py:
+        phase_kl), from the held-out rollouts' rewards by self-normalised weights, averaged over their prompts."""
+        h = self.held
+        er, g = eta * h["r"].double(), torch.unique(h["idx"], return_inverse=True)[1]
+        log_Z = self.log_mean_exp(er, g)                                # each row's prompt's log E_a[e^{eta r}]
+        kl = torch.zeros(int(g.max()) + 1, dtype=torch.float64, device=er.device).index_add(
+            0, g, torch.exp(er - log_Z) * (er - log_Z)) / torch.bincount(g)   # E_{a+eta}[eta r] - log Z
+        return kl.mean().item() / self.args.gen_length
+
+    def shift(self, data):
+        """r - min r over the buffer (--shift buffer) or over each prompt's rollouts (--shift prompt). The tilt
+        is unchanged by a constant, and the per-prompt one is a constant of the prompt, so of x_t: with Z per
+        prompt it is the buffer's shift with phi e^{eta (min_p r - min r)} (eq. 17 allows any phi(x_t)): the same
+        minimiser, more of the teacher term. Either makes e^{eta r} >= 1 >= phi, so every NLL weight
+        (e^{eta r} - phi) / Z is >= 0 and the loss bounded (dtm.py's docstring); per prompt, a prompt whose
+        rollouts tie keeps only the teacher term."""
+        r = data["r"]
+        if self.args.shift == "buffer":
+            return r - r.min()
+        g = torch.unique(data["idx"], return_inverse=True)[1]
+        low = torch.full((int(g.max()) + 1,), math.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, g, r, "amin")
+        return r - low[g]
+
     def train_step(self, eta):
         args = self.args
-        # The tilt is unchanged by a constant shift of r; shifting by the buffer's minimum makes
-        # e^{eta r} >= 1 >= phi, so every NLL weight (e^{eta r} - phi) / Z is >= 0 and the loss is
-        # bounded (dtm.py's docstring). Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
+        # r >= 0 (`shift`); Z = E_a[e^{eta r}] per prompt (or pooled) over the whole buffer.
         released = args.weighting == "released"           # the released code: r clipped at 0, e^{eta r} raw
-        r = self.buffer["r"].clamp_min(0) if released else self.buffer["r"] - self.buffer["r"].min()
+        r = self.buffer["r"].clamp_min(0) if released else self.shift(self.buffer)
         if args.control:                                   # no tilt: the rewards moved to other rollouts
             r = r[torch.randperm(len(r), generator=self.control_gen, device=self.device)]
         group = self.buffer["idx"] if args.z == "prompt" else None
@@ -261,7 +313,7 @@ class Trainer:
             total += loss.item()
         gnorm = self.average_and_clip()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, args.steps_per_phase, args.lr, args.min_lr)
+            g["lr"] = lr_at(self.step, args.steps_per_phase, args.lr, args.min_lr, warmup_steps=args.warmup_steps)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:                        # the released EMA of the student, every step
@@ -353,6 +405,10 @@ class Trainer:
             print(", ".join(f"{k} = {v:g}" for k, v in at.items()) + f": test accuracy {acc['acc']:.3f} ± "
                   f"{acc['se']:.3f} (all right: {acc['whole']:.3f} ± {acc['whole_se']:.3f}, {acc['n']} items)")
 
+    def out_of_time(self):
+        """--max_seconds: training seconds (evaluations left out) spent."""
+        return bool(self.args.max_seconds) and time.time() - self.t_start - self.eval_s >= self.args.max_seconds
+
     def log(self, **row):
         if self.rank == 0:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
@@ -378,6 +434,9 @@ class Trainer:
                 if not self.train_phase(eta):                           # stopped, and saved
                     return
                 self.end_phase(eta)
+                if self.out_of_time():
+                    print(f"--max_seconds {args.max_seconds:g}: stopped after phase {self.phase - 1}, saved")
+                    return
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -386,11 +445,13 @@ class Trainer:
         args, k, t0 = self.args, self.phase, time.time()
         snapshot_teacher(self.model)
         self.ema = [p.detach().clone() for p in self.params] if args.ema else None
-        self.opt = self.new_optimizer()
+        if self.opt is None or args.reset_optimizer == "phase":          # never: AdamW's moments carried on
+            self.opt = self.new_optimizer()
         self.buffer = self.rollouts(self.draw_prompts(args.buffer_prompts))
         self.n_rollouts += len(self.buffer["r"]) * self.world
         if args.held_out_prompts:
             self.held = self.held_out()
+            self.n_rollouts += len(self.held["r"]) // self.held["maskings"] * self.world   # the check's count too
             self.held["j_teacher"] = self.phase_objective(eta, student=False)
         self.log(phase=k, a=self.a_grid[k - 1], buffer_reward=self.buffer["r"].mean().item(),
                  rollout_s=round(time.time() - t0, 1))
@@ -427,15 +488,14 @@ class Trainer:
                 for e, p in zip(self.ema, self.params):
                     p.copy_(e)
         if args.held_out_prompts and self.held is not None:
-            d = self.phase_objective(eta, student=True) - self.held["j_teacher"]
-            check = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / len(d) ** 0.5).item())
+            d = self.phase_objective(eta, student=True) - self.held["j_teacher"]      # per row, then per rollout:
+            d = d.view(self.held.get("maskings", 1), -1).mean(0)                        # the mean of its maskings
+            check = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / len(d) ** 0.5).item(),
+                         phase_kl=self.phase_bound(eta))
             self.log(phase=k, a=self.a_grid[k], **check)
             if self.rank == 0:
-                x, se = check["held_out_change"], check["held_out_change_se"]
-                print(f"phase {k}: held-out objective change {x:.2e} ± {se:.1e}: " +
-                      ("below 0 by more than its SE, the phase learned" if x < -se else
-                       "not below 0 by its SE, the phase fitted noise"))
-        if args.phase_eval:
+                print(f"phase {k}: held-out objective change " + verdict(**check))
+        if args.phase_eval and (k % args.eval_every == 0 or k == len(self.a_grid) - 1 or self.out_of_time()):
             self.test_accuracy(phase=k, a=self.a_grid[k], rollouts=self.n_rollouts)
         self.phase, self.step = self.phase + 1, 0
         self.save()

@@ -123,8 +123,14 @@ def test_the_elicit_results_file_has_a_row_per_run_and_the_readme_shows_its_tabl
     import json
     rows = json.load(open(os.path.join(ROOT, "figures", "elicit.json")))
     fields = {"method", "seed", "base_acc", "final_acc", "base_whole", "final_whole", "true_share", "rollouts",
-              "seconds"}
+              "seconds", "curve", "ceiling_whole"}
     assert rows and all(fields <= set(r) for r in rows)
+    assert len({r["ceiling_whole"] for r in rows}) == 1 and 0 < rows[0]["ceiling_whole"] <= 1   # one base's pass@64
+    for r in rows:                                  # the curve runs from the base to the end, in order
+        c = r["curve"]
+        assert (c[0]["rollouts"], c[0]["acc"], c[0]["whole"]) == (0, r["base_acc"], r["base_whole"])
+        assert (c[-1]["rollouts"], c[-1]["seconds"], c[-1]["acc"]) == (r["rollouts"], r["seconds"], r["final_acc"])
+        assert all(a["rollouts"] <= b["rollouts"] and a["seconds"] <= b["seconds"] for a, b in zip(c, c[1:]))
     methods = {r["method"] for r in rows}
     assert methods <= {"dtm", "control", "d1", "rft", "sft"} and {"dtm", "control"} <= methods
     for m in methods:

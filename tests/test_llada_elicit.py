@@ -104,6 +104,28 @@ def test_realised_against_the_bases_tilt_pairs_each_prompt_with_its_own_tilted_s
         modes.realised_against(ref, dict(per_prompt=dict(t1=dict(r=[[1.0]], modes=[[2]], reward=[1], true=[0]))), 1)
 
 
+def test_pass_at_n_is_the_share_of_puzzles_that_any_of_the_n_samples_solves(monkeypatch):
+    """measure()'s pass@n (the tilt's ceiling when n is large): a puzzle counts once however many samples solve it."""
+    from types import SimpleNamespace
+    item = dict(puzzle="0301000043001234", solution="2341412343121234")
+    true, wrong, other = (f"<answer>{g}</answer>" for g in (item["solution"], sudoku_row_only(item["puzzle"]),
+                                                            "1111222233334444"))
+    draws = {1: [[true], [wrong], [other]],
+             4: [[other, true, other, other], [wrong] * 4, [true, true, other, wrong]]}
+    monkeypatch.setattr(modes, "sample", lambda model, tok, items, n, T, **kw: (draws[n], torch.ones(3, n)))
+    model = SimpleNamespace(ff_out=SimpleNamespace(weight=torch.zeros(1)))
+    out = modes.measure(model, None, [item] * 3, "row_only", samples=4)
+    assert (out["greedy"]["pass_at"], out["greedy"]["solved"]) == (1, pytest.approx(1 / 3))
+    assert (out["t1"]["pass_at"], out["t1"]["solved"]) == (4, pytest.approx(2 / 3))
+    assert out["t1"]["solved_se"] == pytest.approx(torch.tensor([1.0, 0.0, 1.0]).std().item() / 3 ** 0.5)
+    assert out["t1"]["true"] == pytest.approx(3 / 12)                     # the share of samples, beside it
+
+
+def test_a_missing_adapter_is_named_in_a_one_line_error(tiny, tmp_path):
+    with pytest.raises(modes.CheckpointError, match="adapter_config.json: no such file"):
+        modes.load(tiny[0], str(tmp_path / "adapter"))
+
+
 @pytest.mark.slow
 def test_a_base_without_the_mixtures_record_and_a_bad_mix_give_a_one_line_error(tmp_path, tiny):
     with pytest.raises(modes.CheckpointError, match="no record of the SFT mixture"):
@@ -170,3 +192,13 @@ def test_end_to_end_mixed_sft_then_dtm_beats_its_same_seed_control_on_its_last_r
                         "elicit", "--eval", "--eval_limit", "32", "--adapter", str(tmp_path / "dtm" / "adapter")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "| sudoku (32) |" in r.stdout, r.stderr
+
+
+def test_the_puzzles_are_grouped_by_how_many_of_the_bases_samples_solve_them():
+    """lab.modes.by_base_share: the test puzzles by the base's true samples out of n (here 8: groups 0, 1, 2,
+    3-4, 5-8; an empty group is left out), and this model's greedy share solved and temperature-1 modes in each."""
+    base = {"per_prompt": {"t1": {"modes": [[2] * 8, [0] + [1] * 7, [0] * 3 + [2] * 5, [0] * 8, [2] * 8]}}}
+    model = {"per_prompt": {"greedy": {"modes": [[1], [0], [0], [0], [2]]},
+                            "t1": {"modes": [[1, 2], [0, 0], [0, 1], [0, 0], [2, 2]]}}}
+    assert modes.by_base_share(base, model) == [("0 of 8", 2, 0.0, 0.0, 0.25, 0.75), ("1 of 8", 1, 1.0, 1.0, 0.0, 0.0),
+                                                ("3-4 of 8", 1, 1.0, 0.5, 0.5, 0.0), ("5-8 of 8", 1, 1.0, 1.0, 0.0, 0.0)]

@@ -69,6 +69,102 @@ def test_any_order_masking_counts_every_masked_token_of_every_block_with_the_haz
         assert (counted[:, j] * w * G).mean().item() == pytest.approx(1.0, abs=0.05), j
 
 
+def test_sar_count_on_1_to_b_never_leaves_a_row_empty_and_has_the_same_expected_loss_state_by_state():
+    """--block_count 1..b: m ~ U{1..b} masks in the active block, weight 1/m. Each set S of m masks of a block of
+    b has mass x weight 1/(b m C(b, m)), as under 0..b (probability 1/((b+1) C(b, m)) times the hazard weight's
+    mean given S, (b+1)/(b m)): checked here by counting 60,000 rows of a block of 3 (2 blocks)."""
+    B, b = 60000, 3
+    comp = torch.randint(6, 300, (B, 2 * b), generator=torch.Generator().manual_seed(6))
+    x_t, counted, w, t = sar_mask(comp, b, mask_id=5, generator=torch.Generator().manual_seed(7), count="1..b")
+    m = counted.sum(1)
+    assert (m >= 1).all() and torch.equal(w, 1.0 / m) and torch.allclose(t, 1 - m / b)
+    blocks = torch.arange(2 * b) // b
+    for row in range(200):                                          # as 0..b: one block counts, later ones masked
+        k = int(blocks[counted[row]][0])
+        assert (blocks[counted[row]] == k).all() and (x_t[row, blocks > k] == 5).all()
+        assert torch.equal(x_t[row, blocks <= k] == 5, counted[row, blocks <= k])
+    active = blocks[counted.float().argmax(1)]                      # the active block of each row
+    for k in range(2):
+        rows = active == k
+        sets = counted[rows][:, blocks == k]                        # (n_k, b) the mask set within the block
+        for code in range(1, 2 ** b):
+            S = torch.tensor([(code >> j) & 1 for j in range(b)], dtype=torch.bool)
+            hit = (sets == S).all(1).double()
+            mass_weight = (hit / S.sum()).mean().item()             # E[w 1{S} | block k]
+            n = int(S.sum())
+            exact = 1 / (b * n * math.comb(b, n))                   # 0..b's, in closed form
+            se = (hit / S.sum()).std().item() / len(hit) ** 0.5
+            assert abs(mass_weight - exact) < 4 * se, (k, S.tolist(), mass_weight, exact)
+    assert (counted.sum(1) * w).mean().item() == pytest.approx(1.0)   # the loss's scale: 1 per row, as 0..b
+
+
+def test_the_0_to_b_count_leaves_one_row_in_b_plus_1_empty():
+    _, counted, _, _ = sar_mask(torch.zeros(40000, 8, dtype=torch.long), 8, mask_id=5,
+                                generator=torch.Generator().manual_seed(8))
+    assert (counted.sum(1) == 0).float().mean().item() == pytest.approx(1 / 9, abs=0.005)
+
+
+def test_the_warm_up_takes_the_steps_asked_and_the_released_5_percent_otherwise():
+    from llada.trainer import lr_at
+    assert [lr_at(s, 12, 1.0, 0.0) for s in range(3)] == [1.0, 1.0, 1.0]              # 5% of 12: one step
+    assert [round(lr_at(s, 12, 1.0, 0.0, warmup_steps=4), 6) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_at(11, 12, 1.0, 0.1, warmup_steps=4) == pytest.approx(0.1)              # the decay's end
+
+
+def test_the_shift_per_prompt_is_a_per_prompt_phi_and_a_tied_prompt_keeps_only_the_teacher_term():
+    """--shift prompt: r - min over the prompt's rollouts. With Z per prompt that is the buffer's shift with
+    phi e^{eta (min_p - min)} for the prompt's rows (a function of x_t, so the same minimiser, eq. 15), exactly;
+    a prompt whose rollouts tie gets NLL weight 0 and teacher weight phi: distillation only."""
+    from types import SimpleNamespace
+
+    from dtm import dtm_loss, group_log_mean_exp
+    from llada.trainer import Trainer
+    data = dict(r=torch.tensor([1.0, 2.0, 0.5, 3.0, 3.0, 3.0], dtype=torch.float64),
+                idx=torch.tensor([7, 7, 2, 2, 9, 9]))               # prompt 9's two rollouts tie at 3.0
+    per_prompt = Trainer.shift(SimpleNamespace(args=SimpleNamespace(shift="prompt")), data)
+    assert per_prompt.tolist() == [0.0, 1.0, 0.0, 2.5, 0.0, 0.0]
+    buffer = Trainer.shift(SimpleNamespace(args=SimpleNamespace(shift="buffer")), data)
+    assert buffer.tolist() == [0.5, 1.5, 0.0, 2.5, 2.5, 2.5]
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randint(7, (6, 5), generator=g)
+    mask = torch.rand(6, 5, generator=g) < 0.6
+    mask[:, 0] = True
+    logits, teacher = (torch.randn(int(mask.sum()), 7, generator=g, dtype=torch.float64) for _ in range(2))
+    tw, eta, group = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, 0.7, data["idx"]
+    ours = dtm_loss(logits, teacher, x1, mask, per_prompt, tw, eta, 1.0, group)
+    phi = torch.exp(eta * (buffer - per_prompt))                     # e^{eta (min_p - min)} per row
+    torch.testing.assert_close(ours, dtm_loss(logits, teacher, x1, mask, buffer, tw, eta, phi, group), rtol=1e-12,
+                               atol=0)
+    tied = dtm_loss(logits, teacher, x1, mask, per_prompt, tw, eta, 1.0, group, per_sequence=True)[4:]
+    seq = mask.nonzero()[:, 0]
+    ce = -(torch.softmax(teacher, -1) * torch.log_softmax(logits, -1)).sum(-1)       # the teacher term alone
+    hand = torch.zeros(6, dtype=torch.float64).index_add(0, seq, tw[seq] * ce)[4:]
+    assert torch.equal(group_log_mean_exp(eta * per_prompt, group)[4:], torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(tied, hand, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("x, se, bound, words", [(-3e-3, 1e-3, 5e-3, "the phase learned"),
+                                                 (3e-3, 1e-3, 5e-3, "fitted noise"),
+                                                 (-3e-3, 1e-3, 2e-3, "the phase learned"),
+                                                 (3e-3, 8.6e-3, 2e-3, "inconclusive: SE 8.6e-03 > the phase's bound")])
+def test_the_health_check_says_inconclusive_where_its_se_exceeds_what_the_phase_can_gain(x, se, bound, words):
+    from llada.trainer import verdict
+    assert words in verdict(x, se, bound)
+
+
+def test_the_phase_bound_is_the_tilts_kl_per_token_as_on_the_maze():
+    """Trainer.phase_bound from held-out rewards and prompt ids = dtm.phase_kl of the same rewards, with L the
+    completion length."""
+    from types import SimpleNamespace
+
+    from dtm import group_log_mean_exp, phase_kl
+    from llada.trainer import Trainer
+    r = torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    fake = SimpleNamespace(held=dict(r=r.flatten(), idx=torch.arange(4).repeat_interleave(8) * 3),
+                           log_mean_exp=group_log_mean_exp, args=SimpleNamespace(gen_length=24))
+    assert Trainer.phase_bound(fake, 2.0) == pytest.approx(phase_kl(r.numpy(), 2.0, 24), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- training and CLI
 def run_cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, "llada_finetune.py", *args], cwd=cwd, capture_output=True,
@@ -252,6 +348,36 @@ def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_ot
         lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--lr", lr, "--min_lr", lr, "--held_out_prompts", "0"))
         slopes.append(buffer_tilt(out)[0])
     assert slopes[0] == 0.0 and slopes[1] != 0.0
+
+
+@pytest.mark.parametrize("reset", ["phase", "never"])
+def test_adams_moments_restart_each_phase_or_carry_on_as_asked(tiny, tmp_path, reset):
+    t = lf.make_trainer(lf.parse(train_args(tiny[0], str(tmp_path), "--held_out_prompts", "0", "--reset_optimizer",
+                                            reset)))
+    t.start_phase(0.5)
+    t.train_step(0.5)
+    first = t.opt
+    t.start_phase(0.5)                                   # the next phase
+    t.train_step(0.5)
+    steps = {int(s["step"]) for s in t.opt.state.values()}
+    assert (t.opt is first, steps) == ((False, {1}) if reset == "phase" else (True, {2}))
+
+
+def test_every_rollout_drawn_counts_the_health_checks_too(tiny, tmp_path):
+    t = lf.make_trainer(lf.parse(train_args(tiny[0], str(tmp_path), "--held_out_maskings", "3")))   # 3 x 2 and
+    t.start_phase(0.5)                                                                # 2 held out x 2, masked 3 times
+    assert len(t.held["r"]) == 3 * 2 * 2 and torch.equal(t.held["comp"][:4], t.held["comp"][4:8])
+    assert not torch.equal(t.held["counted"][:4], t.held["counted"][4:8])            # masked afresh each time
+    assert t.n_rollouts == len(t.buffer["r"]) + len(t.held["r"]) // 3 == 3 * 2 + 2 * 2
+
+
+def test_max_seconds_stops_after_the_phase_that_passes_it_and_evaluates_it(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    lf.main(train_args(tiny[0], out, "--held_out_prompts", "0", "--max_seconds", "1e-9", "--phase_eval", "2",
+                       "--eval_every", "5", "--eval_lengths", "8"))                       # 3 phases asked
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["phase"] for r in rows if "test" in r] == [0, 1]                            # the base, then phase 1
+    assert max(r.get("phase", 0) for r in rows) == 1
 
 
 # ----------------------------------------------------------------------------- --method grpo (llada/grpo.py)

@@ -161,6 +161,46 @@ def test_the_cost_table_reads_grpo_runs_by_iteration_and_picks_their_last_evalua
     assert os.path.getsize(tmp_path / "c.png") > 0
 
 
+def test_the_results_rows_carry_each_runs_curve_and_the_tilts_ceiling(tmp_path):
+    """sudoku_report.results: a row per run with its curve (every evaluation from the base on) and the base's
+    pass@n from lab.modes' modes.json; results_table shows the end's whole puzzles as a share of that ceiling."""
+    from lab import sudoku_report
+    test = lambda acc, whole: dict(acc=acc, se=0.01, whole=whole, whole_se=0.0, n=4)       # noqa: E731
+    rows = [dict(phase=0, a=0.0, rollouts=0, seconds=0.0, test=test(0.4, 0.1)),
+            dict(phase=4, a=200.0, rollouts=512, seconds=50.0, test=test(0.6, 0.2)),
+            dict(phase=8, a=400.0, rollouts=1024, seconds=99.5, test=test(0.7, 0.3))]
+    os.makedirs(tmp_path / "d0")
+    (tmp_path / "d0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "modes.json").write_text(json.dumps(dict(t1=dict(solved=0.6, pass_at=64))))
+    assert sudoku_report.ceiling(str(tmp_path / "modes.json")) == (0.6, 64)
+    (row,) = sudoku_report.results({"dtm": [str(tmp_path / "d0")]}, 0.6)
+    assert row["curve"] == [dict(rollouts=0, seconds=0.0, acc=0.4, whole=0.1),
+                            dict(rollouts=512, seconds=50.0, acc=0.6, whole=0.2),
+                            dict(rollouts=1024, seconds=99.5, acc=0.7, whole=0.3)]
+    assert (row["ceiling_whole"], row["final_whole"], row["rollouts"]) == (0.6, 0.3, 1024)
+    os.makedirs(tmp_path / "d1")                                      # the same seed, another method
+    (tmp_path / "d1" / "metrics.jsonl").write_text("".join(json.dumps(dict(r, test=test(r["test"]["acc"] - 0.05,
+                                                                                      0.0))) + "\n" for r in rows))
+    at = sudoku_report.at_table({"a": [str(tmp_path / "d0")], "b": [str(tmp_path / "d1")]}, [512, 1000])
+    assert at[2:] == ["| a | 1 | 0.600 (1 seed) | 0.600 (1 seed) | - | - |",            # 1000: the last eval within
+                      "| b | 1 | 0.550 (1 seed) | 0.550 (1 seed) | -0.050 (1 seed) | -0.050 (1 seed) |"]
+    at = sudoku_report.at_table({"a": [str(tmp_path / "d0")]}, [99], seconds=True)
+    assert at[0].startswith("| runs | seeds | 99 s |") and at[2] == "| a | 1 | 0.600 (1 seed) | - |"
+    assert sudoku_report.results_table([row])[2] == ("| dtm | 1 | 1024 | 100 | 0.400 -> 0.700 (1 seed) | 0.100 -> "
+                                                     "0.300 (1 seed) | 0.500 (1 seed) | - | - |")
+
+
+def test_the_cost_figure_averages_seeds_at_the_rollouts_every_seed_evaluated(tmp_path):
+    """A seed evaluated every 128 rollouts and one every 256: the mean is taken at 0, 256 and 512 only."""
+    from lab import sudoku_report
+    for name, every in (("a", 128), ("b", 256)):
+        os.makedirs(tmp_path / name)
+        rows = [dict(rollouts=k, seconds=k / 10, test=dict(acc=k / 1000, whole=0.0)) for k in range(0, 513, every)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = sudoku_report.shared_curves([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert c.shape == (2, 3, 4) and c[:, :, 0].tolist() == [[0, 256, 512]] * 2 and c[0, 2, 2] == 0.512
+
+
 @pytest.mark.slow
 def test_end_to_end_sft_then_dtm_and_its_control_then_eval_on_the_small_sudoku_llada(tmp_path):
     """python -m llada.sft makes a small LLaDA (reduced: 150 steps, d 64), llada_finetune.py --preset tiny
