@@ -140,10 +140,11 @@ def dtm_flags(g):
                    help="the loss's forward process: sar, one active block as the sampler sees it (App. C, "
                         "eq. 34); any_order, every completion token masked with probability 1 - t (eq. 9; "
                         "the ablation of App. D.3)")
-    g.add_argument("--minibatch", choices=["uniform", "tilted"],
-                   help="how a step draws its rows from the buffer: uniform (the paper); tilted, with probability "
-                        "e^{eta r}/Z each, importance-weighted back (the same expected loss; at large eta "
-                        "the batch is not spent on rows of weight ~0) (default: uniform)")
+    g.add_argument("--minibatch", choices=["uniform", "without", "tilted"],
+                   help="how a step draws its rows from the buffer: uniform, with replacement (the paper); "
+                        "without, --batch distinct rows (the authors'); tilted, with probability e^{eta r}/Z "
+                        "each, importance-weighted back (the same expected loss; at large eta the batch is not "
+                        "spent on rows of weight ~0) (default: uniform)")
     g.add_argument("--shift", choices=["buffer", "prompt"],
                    help="r minus its minimum over the buffer, or over each prompt's rollouts (then a prompt "
                         "whose rollouts tie carries only the teacher term); the same tilt and minimiser "
@@ -156,6 +157,15 @@ def dtm_flags(g):
     g.add_argument("--reset_optimizer", choices=["phase", "never"],
                    help="a fresh AdamW at every phase (the authors'), or its moments carried across phases "
                         "(default: phase)")
+    g.add_argument("--prompt_order", choices=["random", "shuffled"],
+                   help="training prompts drawn with replacement, or in order through the training set shuffled "
+                        "afresh at each pass (the authors') (default: random)")
+    g.add_argument("--refresh_order", choices=["random", "cycle"],
+                   help="the buffer slots a refresh replaces: drawn at random, or in turn from slot 0 of each "
+                        "phase's buffer (the authors') (default: random)")
+    g.add_argument("--lr_rounding", choices=["round", "floor"],
+                   help="the warm-up's 5%% and the decay's 10%% of a phase's steps, rounded (ours) or floored "
+                        "(the authors': 12 and 25 of 256) (default: round)")
     g.add_argument("--warmup_steps", type=int,
                    help="lr warm-up steps at the start of each phase (0: 5%% of the phase, at least 1; the "
                         "released) (default: 0)")
@@ -227,6 +237,8 @@ def parse(argv=None):
         ((args.gen_length // args.tokens_per_step) % (args.gen_length // args.block_length),
          "gen_length / tokens_per_step steps must split evenly over the blocks"),
         (args.refresh_prompts > args.buffer_prompts, "--refresh_prompts exceeds --buffer_prompts"),
+        (args.minibatch == "without" and args.batch > args.buffer_prompts * args.completions,
+         "--minibatch without needs --batch <= --buffer_prompts x --completions (distinct rows)"),
         (args.held_out_maskings < 1 or args.eval_every < 1, "--held_out_maskings and --eval_every must be >= 1"),
         (not args.bench_shape and not args.model_dir, "--model_dir is required (except with --bench_shape)"),
         (args.model_dir and not os.path.isdir(args.model_dir), f"--model_dir {args.model_dir} is not a directory"),

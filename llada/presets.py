@@ -31,8 +31,13 @@ RELEASED = dict(
     sudoku=dict(steps_per_phase=256, batch=64, micro_batch=16, clip=1.0, buffer_prompts=80, completions=1,
                 refresh_prompts=20, refresh_every=32, lr=3e-6, min_lr=1e-6, eta=5.0, temperature=0.0, ema=0.0),
 )
+# Their weighting and LoRA targets, and their draws: the counted block's size on {1..b}, the lr schedule's
+# steps floored, distinct rows in a step, prompts in order through a shuffled training set, refreshed slots in
+# turn (llada/README.md, "The released configs").
 for cfg in RELEASED.values():
-    cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"])
+    cfg.update(weighting="released", lora_targets=["q_proj", "k_proj", "v_proj", "up_proj"],
+               block_count="1..b", lr_rounding="floor", minibatch="without", prompt_order="shuffled",
+               refresh_order="cycle")
 # --preset tiny: the same loop sized for 2 CPU cores and a small LLaDA made by `python -m llada.sft`
 # (lab/FINDINGS_llada.md, "A small LLaDA on 4x4 Sudoku"): short answers, 3 blocks of 8, a low-rank adapter.
 # The paper's reading of the Sudoku tilt (greedy, one completion per prompt, Z over the buffer): of the
@@ -60,6 +65,7 @@ ELICIT = dict(
 # What a flag takes when neither it nor the preset sets it (the 8B's sizes).
 FALLBACK = dict(micro_batch=0, weighting="paper", minibatch="uniform", ema=0.0, z="prompt", a_max=100.0,
                 shift="buffer", block_count="0..b", reset_optimizer="phase", warmup_steps=0, held_out_maskings=4,
+                lr_rounding="round", prompt_order="random", refresh_order="random",
                 eval_every=1,
                 gen_length=256, block_length=32, tokens_per_step=2, lora_r=128, lora_alpha=64.0,
                 rollout_batch=16, protocol="ours", eval_lengths=[256, 512], eval_batch=8, phase_eval=0,

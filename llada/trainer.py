@@ -79,10 +79,11 @@ def any_order_mask(comp, mask_id, generator=None):
     return comp.masked_fill(counted, mask_id), counted, 1.0 / (1.0 - t).clamp_min(1e-3) / G, t
 
 
-def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1, warmup_steps=None):
+def lr_at(step, n, lr, min_lr, warmup=0.05, decay=0.1, warmup_steps=None, rounding="round"):
     """Per phase (released code): linear warm-up over 5% of the steps (or warmup_steps), flat, linear decay
-    over the last 10%."""
-    w, d = warmup_steps or max(1, round(warmup * n)), max(1, round(decay * n))
+    over the last 10%; those steps rounded to the nearest (ours) or down (rounding="floor", the authors')."""
+    to_int = math.floor if rounding == "floor" else round
+    w, d = warmup_steps or max(1, to_int(warmup * n)), max(1, to_int(decay * n))
     if step < w:
         return lr * (step + 1) / w
     if step >= n - d:
@@ -140,6 +141,7 @@ class Trainer:
         self.a_grid = [min(k * args.eta, args.a_max) for k in range(n + 1)]
         self.phase, self.step, self.global_step, self.buffer, self.opt, self.ema = 1, 0, 0, None, None, None
         self.held = None                                               # the phase's held-out rollouts
+        self.order, self.cursor, self.next_slot = None, 0, 0           # --prompt_order shuffled, --refresh_order cycle
         self.n_rollouts = 0                                            # every one drawn, all ranks (the check's too)
         self.rollout_batch = None if args.rollout_batch == "auto" else args.rollout_batch
         self.path = os.path.join(args.out, f"state_rank{self.rank}.pt")
@@ -187,12 +189,27 @@ class Trainer:
         return self.prompt_cache[i]
 
     def draw_prompts(self, n, gen=None):
-        return torch.randint(len(self.items), (n,), generator=gen or self.gen, device=self.device).tolist()
+        """n training prompts, drawn with replacement (--prompt_order random), or in order through the training
+        set shuffled afresh at each pass (shuffled: the authors'). The health check's (gen given): at random."""
+        if gen is not None or self.args.prompt_order == "random":
+            return torch.randint(len(self.items), (n,), generator=gen or self.gen, device=self.device).tolist()
+        out = []
+        while len(out) < n:
+            if self.order is None or self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.items), generator=self.gen, device=self.device).tolist()
+                self.cursor = 0
+            take = self.order[self.cursor:self.cursor + n - len(out)]
+            out, self.cursor = out + take, self.cursor + len(take)
+        return out
 
     def refresh(self):
         """Replace the rollouts of refresh_prompts prompt slots with new prompts' (from the teacher)."""
         args, C = self.args, self.args.completions
-        slots = torch.randperm(args.buffer_prompts, generator=self.gen, device=self.device)[:args.refresh_prompts]
+        if args.refresh_order == "cycle":          # the authors': the slots in turn, from slot 0 of the phase's buffer
+            slots = (self.next_slot + torch.arange(args.refresh_prompts, device=self.device)) % args.buffer_prompts
+            self.next_slot = (self.next_slot + args.refresh_prompts) % args.buffer_prompts
+        else:
+            slots = torch.randperm(args.buffer_prompts, generator=self.gen, device=self.device)[:args.refresh_prompts]
         rows = (slots[:, None] * C + torch.arange(C, device=self.device)).flatten()
         new = self.rollouts(self.draw_prompts(len(slots)))
         self.n_rollouts += len(new["r"]) * self.world
@@ -303,17 +320,24 @@ class Trainer:
             tilted = torch.exp(eta * r.double() - log_Z)
             log_Z = eta * r.double()
         micro = args.micro_batch or args.batch
+        if args.minibatch == "without":                     # the authors': batch distinct rows, then micro-batches
+            distinct = torch.randperm(len(r), generator=self.gen, device=self.device)[:args.batch]
         total = 0.0
         for j in range(0, args.batch, micro):
             n = min(micro, args.batch - j)
-            rows = torch.multinomial(tilted, n, replacement=True, generator=self.gen) if args.minibatch == "tilted" \
-                else torch.randint(len(r), (n,), generator=self.gen, device=self.device)
+            if args.minibatch == "tilted":
+                rows = torch.multinomial(tilted, n, replacement=True, generator=self.gen)
+            elif args.minibatch == "without":
+                rows = distinct[j:j + n]
+            else:
+                rows = torch.randint(len(r), (n,), generator=self.gen, device=self.device)
             loss = self.loss(rows, eta, log_Z, r) * len(rows) / args.batch    # gradient accumulation
             loss.backward()
             total += loss.item()
         gnorm = self.average_and_clip()
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, args.steps_per_phase, args.lr, args.min_lr, warmup_steps=args.warmup_steps)
+            g["lr"] = lr_at(self.step, args.steps_per_phase, args.lr, args.min_lr, warmup_steps=args.warmup_steps,
+                            rounding=args.lr_rounding)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:                        # the released EMA of the student, every step
@@ -344,6 +368,8 @@ class Trainer:
         rank, are written by rank 0 only. Each file is replaced atomically: old or new, never half."""
         state = dict(buffer=self.buffer, held=self.held, phase=self.phase, step=self.step,
                      global_step=self.global_step, ema=self.ema, n_rollouts=self.n_rollouts,
+                     order=None if self.order is None else torch.tensor(self.order), cursor=self.cursor,
+                     next_slot=self.next_slot,
                      gen=self.gen.get_state(), check_gen=self.check_gen.get_state(),
                      control_gen=self.control_gen.get_state(), rng=torch.get_rng_state(),
                      args=vars(self.args),
@@ -380,6 +406,8 @@ class Trainer:
             raise CheckpointError(f"{self.path}: cannot resume ({str(e).splitlines()[0]})") from None
         self.phase, self.step, self.global_step, self.buffer = s["phase"], s["step"], s["global_step"], s["buffer"]
         self.held, self.n_rollouts = s.get("held"), s.get("n_rollouts", 0)
+        self.order = s["order"].tolist() if s.get("order") is not None else None
+        self.cursor, self.next_slot = s.get("cursor", 0), s.get("next_slot", 0)
         if shared["opt"] is not None:
             self.opt = self.new_optimizer()
             self.opt.load_state_dict(shared["opt"])
@@ -447,7 +475,7 @@ class Trainer:
         self.ema = [p.detach().clone() for p in self.params] if args.ema else None
         if self.opt is None or args.reset_optimizer == "phase":          # never: AdamW's moments carried on
             self.opt = self.new_optimizer()
-        self.buffer = self.rollouts(self.draw_prompts(args.buffer_prompts))
+        self.buffer, self.next_slot = self.rollouts(self.draw_prompts(args.buffer_prompts)), 0
         self.n_rollouts += len(self.buffer["r"]) * self.world
         if args.held_out_prompts:
             self.held = self.held_out()

@@ -1,6 +1,7 @@
 """llada_finetune.py on the tiny random LLaDA (tests/llada_tiny.py): SAR masking, kill and resume, a full
 run with its PEFT adapter and evaluation table, one-line errors, and two ranks under torchrun.
 """
+import itertools
 import json
 import math
 import os
@@ -109,6 +110,15 @@ def test_the_warm_up_takes_the_steps_asked_and_the_released_5_percent_otherwise(
     assert [lr_at(s, 12, 1.0, 0.0) for s in range(3)] == [1.0, 1.0, 1.0]              # 5% of 12: one step
     assert [round(lr_at(s, 12, 1.0, 0.0, warmup_steps=4), 6) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert lr_at(11, 12, 1.0, 0.1, warmup_steps=4) == pytest.approx(0.1)              # the decay's end
+
+
+def test_the_authors_lr_rounding_floors_the_warm_up_and_decay_steps():
+    """--lr_rounding floor (--preset released): 12 warm-up and 25 decay steps of 256, as their code; ours rounds
+    to 13 and 26."""
+    from llada.trainer import lr_at
+    for rounding, w, d in (("floor", 12, 25), ("round", 13, 26)):
+        lr = [lr_at(s, 256, 1.0, 0.0, rounding=rounding) for s in range(256)]
+        assert lr.index(1.0) == w - 1 and sum(x < 1.0 for x in lr[128:]) == d, rounding   # (step + 1) / w
 
 
 def test_the_shift_per_prompt_is_a_per_prompt_phi_and_a_tied_prompt_keeps_only_the_teacher_term():
@@ -348,6 +358,69 @@ def test_buffer_tilt_is_zero_when_the_phase_does_not_move_the_adapter_and_not_ot
         lf.main(train_args(tiny[0], out, "--a_max", "0.5", "--lr", lr, "--min_lr", lr, "--held_out_prompts", "0"))
         slopes.append(buffer_tilt(out)[0])
     assert slopes[0] == 0.0 and slopes[1] != 0.0
+
+
+def test_minibatch_without_draws_distinct_rows_across_its_micro_batches(tiny, tmp_path):
+    """--minibatch without (--preset released): a step's --batch rows are distinct (the authors' draw), split
+    into micro-batches; uniform draws with replacement."""
+    seen = {}
+    for draw in ("without", "uniform"):
+        t = lf.make_trainer(lf.parse(train_args(tiny[0], str(tmp_path), "--held_out_prompts", "0",
+                                                "--buffer_prompts", "3", "--completions", "2", "--batch", "6",
+                                                "--micro_batch", "2", "--minibatch", draw)))
+        t.start_phase(0.5)
+        rows, real = [], t.loss
+        t.loss = lambda r, *a: rows.append(r.tolist()) or real(r, *a)
+        for _ in range(4):
+            t.train_step(0.5)
+        seen[draw] = rows
+    assert all(len(r) == 2 for r in seen["without"])
+    steps = [sum(seen["without"][k:k + 3], []) for k in range(0, 12, 3)]
+    assert all(sorted(s) == list(range(6)) for s in steps)                      # each step: all 6 rows, once
+    assert any(len(set(sum(seen["uniform"][k:k + 3], []))) < 6 for k in range(0, 12, 3))
+
+
+def test_prompts_in_order_through_a_training_set_shuffled_afresh_at_each_pass(tiny, tmp_path):
+    """--prompt_order shuffled (--preset released): every training prompt once per pass, a new order each pass,
+    across draws of any size; the health check's prompts stay random draws of their own generator."""
+    t = lf.make_trainer(lf.parse(train_args(tiny[0], str(tmp_path), "--prompt_order", "shuffled")))
+    N, drawn, sizes = len(t.items), [], itertools.cycle([3, 5, 1])
+    while len(drawn) < 2 * N:
+        drawn += t.draw_prompts(next(sizes))
+    first, second = drawn[:N], drawn[N:2 * N]
+    assert sorted(first) == sorted(second) == list(range(N)) and first != second
+    check = t.draw_prompts(N, t.check_gen)
+    assert len(check) == N and len(set(check)) < N                            # with replacement
+
+
+def test_refresh_in_turn_replaces_the_slots_cyclically_from_slot_0_of_each_phase(tiny, tmp_path):
+    t = lf.make_trainer(lf.parse(train_args(tiny[0], str(tmp_path), "--held_out_prompts", "0", "--buffer_prompts",
+                                            "3", "--refresh_prompts", "2", "--refresh_order", "cycle")))
+    t.start_phase(0.5)
+    C, marks = t.args.completions, []
+    t.rollouts = lambda prompts, gen=None: dict(idx=torch.tensor(prompts).repeat_interleave(C),   # r: which
+                                                comp=t.buffer["comp"][:len(prompts) * C].clone(),   # refresh wrote it
+                                                r=torch.full((len(prompts) * C,), float(len(marks))))
+    written = []
+    for k in range(1, 4):
+        marks.append(None)
+        t.refresh()
+        written.append((t.buffer["r"].view(3, C)[:, 0] == k).nonzero()[:, 0].tolist())
+    assert written == [[0, 1], [0, 2], [1, 2]]                                 # slots 0 1 | 2 0 | 1 2
+    t.start_phase(0.5)
+    assert t.next_slot == 0
+
+
+def test_the_released_preset_draws_as_the_authors_code(tiny):
+    names = ("block_count", "lr_rounding", "minibatch", "prompt_order", "refresh_order")
+    for task in ("countdown", "sudoku"):
+        a = lf.parse(["--model_dir", tiny[0], "--task", task, "--preset", "released"])
+        assert tuple(getattr(a, k) for k in names) == ("1..b", "floor", "without", "shuffled", "cycle"), task
+    a = lf.parse(["--model_dir", tiny[0], "--task", "sudoku"])                  # the paper's preset: ours
+    assert tuple(getattr(a, k) for k in names) == ("0..b", "round", "uniform", "random", "random")
+    r = run_cli("--model_dir", tiny[0], "--task", "sudoku", "--minibatch", "without", "--batch", "99",
+                "--buffer_prompts", "8", "--refresh_prompts", "2", "--completions", "2")
+    assert r.returncode == 2 and "--minibatch without needs --batch <=" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("reset", ["phase", "never"])
