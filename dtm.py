@@ -169,7 +169,8 @@ def phase_objective(model, teacher, held, eta, phi, chunk=256):
 def phase_kl(r, eta, L):
     """The most a phase can lower J: KL(p_{a+eta} || p_a) / L (Prop. 3.4, with equality for a teacher whose
     posteriors are its own law's), from rollouts r (P, h) of p_a: per prompt E_{a+eta}[eta r] - log E_a[e^{eta r}]
-    by self-normalised weights e^{eta r}, averaged over the prompts. Logged as `max_gain`."""
+    by self-normalised weights e^{eta r}, averaged over the prompts. Logged as `phase_kl` (`max_gain` in
+    metrics written before; `maze.figures.logged_phase_kl` reads both)."""
     er = eta * np.asarray(r, dtype=np.float64)
     w = np.exp(er - er.max(1, keepdims=True))
     log_Z = np.log(w.mean(1)) + er.max(1)
@@ -225,7 +226,9 @@ def run(args, recipe=None):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         held_set = held_out_set(held["x1"].to(dev), held["r"].to(dev) + args.r_offset, HELD_OUT_MASKINGS, held_gen, L)
         j_teacher = phase_objective(teacher, teacher, held_set, eta, args.phi)
-        # 2. the buffer: M rollouts per prompt of p_a with their rewards; 3. a fresh optimiser (as the authors')
+        # 2. the buffer `buf`: M rollouts per prompt of p_a with their rewards, drawn when p_a was measured (step
+        # 8 of the phase before, or before the first phase)
+        # 3. a fresh optimiser (as the authors')
         opt, losses = recipe.optimizer(model), []
         model.train()
         for step in tqdm(range(args.steps_per_phase), desc=f"phase {k}/{len(a_grid) - 1} a->{a:.2f}",
@@ -257,7 +260,7 @@ def run(args, recipe=None):
         # it can gain; then measure p_{a+eta}: its first M rollouts per prompt are the next buffer, H held out
         d = (phase_objective(model.eval(), teacher, held_set, eta, args.phi) - j_teacher).double()
         health = dict(held_out_change=d.mean().item(), held_out_change_se=(d.std() / math.sqrt(len(d))).item(),
-                      max_gain=phase_kl(held["r"].numpy(), eta, L))
+                      phase_kl=phase_kl(held["r"].numpy(), eta, L))
         rollouts_k = measure_next(model, prompts, args, wall, gen, held_gen, last=k == len(a_grid) - 1)
         history.append(measure_phase(args, a, rollouts_k, ref, dict(
             loss=float(np.mean(losses)), train_s=round(train_s, 1), eval_s=round(time.time() - t0 - train_s, 1),

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 import dtm                                                                                     # noqa: E402
 from dtm import dtm_loss, group_log_mean_exp                                                   # noqa: E402
 from maze import env, exact                                                                    # noqa: E402
-from maze.figures import plot_budget, plot_sweep, rollouts_file                                # noqa: E402
+from maze.figures import logged_phase_kl, plot_budget, plot_sweep, rollouts_file               # noqa: E402
 from maze.mdm import PROMPT_LEN, CheckpointError, elbo_loss, load, mask_along_path, mask_completions  # noqa: E402
 from lab.noise import noise                                                                   # noqa: E402
 
@@ -271,14 +271,14 @@ def budget(args):
                 with open(done) as f:
                     history = json.load(f)
             h = history[1] if len(history) == 2 else run(sub)[1]
-            most = h["max_gain"] if h["max_gain"] > 0 else math.nan        # 0: every reward equal, no tilt
+            most = logged_phase_kl(h) or math.nan                          # 0: every reward equal, no tilt
             rows.append(dict(name=name, seed=seed, compute=sub.batch * sub.maskings * sub.steps_per_phase / (64 * 50),
                              relative=h["held_out_change"] / most, relative_se=h["held_out_change_se"] / most,
                              buffer=sub.rollouts_per_prompt, maskings=sub.maskings, **{k: h[k] for k in (
-                                 "held_out_change", "held_out_change_se", "max_gain", "realised_validity",
-                                 "realised_validity_se", "realised_reward", "train_s")}))
+                                 "held_out_change", "held_out_change_se", "realised_validity",
+                                 "realised_validity_se", "realised_reward", "train_s")}, phase_kl=logged_phase_kl(h)))
             tqdm.write(f"budget: {name} seed {seed}: held-out change {h['held_out_change']:.2e} ± "
-                       f"{h['held_out_change_se']:.1e}, most -{h['max_gain']:.1e}")
+                       f"{h['held_out_change_se']:.1e}, most -{logged_phase_kl(h):.1e}")
     lines = ["| config | compute | buffer / prompt | maskings | seeds | held-out change (mean ± SE over seeds) | "
              "over the most | realised validity | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["name"] for r in rows):

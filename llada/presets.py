@@ -49,14 +49,14 @@ TINY = dict(
                 rollout_batch=128, protocol="short", eval_lengths=[24], eval_batch=64, phase_eval=256),
 )
 # --preset elicit: the small LLaDA made from SFT data of mixed quality (python -m llada.sft --mix 0.5), whose
-# right solver is a minority of its samples (lab/FINDINGS_llada.md, "DTM at its best on the small LLaDA").
-# Fresh phases: 16 prompts x 8 temperature-1 rollouts of a new teacher every 12 steps (d1's 128 rollouts and
-# 12 updates per iteration), never refreshed (refresh_every = the phase's steps), 16 phases to 2,048 rollouts;
-# Z per prompt; eta 50 at rewards in [0, 2] (each phase close to distilling each prompt's best rollout, as a
-# round of lab/rft.py is; eta 5 ends 0.02 lower at 2,048 rollouts); lr 3e-4 (the best of 1e-4, 3e-4, 1e-3 over 3 seeds); rows
-# drawn from the tilted buffer (--minibatch tilted). Adam kept, a longer warm-up, r shifted per prompt, no
-# empty SAR rows, temperature 0.9, batch 128, 24 steps: none helped over 3 seeds (the findings). No health
-# check: a phase's change is resolved only by ~64 held-out prompts (512 rollouts, 4x its training's).
+# right solver is a minority of its samples (lab/FINDINGS_llada.md, "DTM at its best on the small LLaDA"). Fresh
+# phases: 16 prompts x 8 temperature-1 rollouts of a new teacher every 12 steps (d1's 128 rollouts and 12
+# updates per iteration), never refreshed (refresh_every = the phase's steps), 16 phases to 2,048 rollouts; Z
+# per prompt; eta 50 at rewards in [0, 2] (each phase close to distilling each prompt's best rollout, as a round
+# of lab/rft.py is; eta 5 ends 0.02 lower at 2,048 rollouts); lr 3e-4 (the best of 1e-4, 3e-4, 1e-3 over 3
+# seeds); rows drawn from the tilted buffer (--minibatch tilted). Adam kept, a longer warm-up, r shifted per
+# prompt, no empty SAR rows, temperature 0.9, batch 128, 24 steps: none helped over 3 seeds (the findings). No
+# health check: a phase's change is resolved only by ~64 held-out prompts (512 rollouts, 4x its training's).
 ELICIT = dict(
     sudoku=dict(TINY["sudoku"], temperature=1.0, completions=8, z="prompt", buffer_prompts=16, refresh_prompts=4,
                 refresh_every=12, steps_per_phase=12, batch=64, eta=50.0, a_max=800.0, lr=3e-4, held_out_prompts=0,
@@ -79,4 +79,5 @@ D1 = dict(paper=dict(completions=6, temperature=0.9, lr=3e-6, clip=0.2, beta=0.0
                      iterations=1000, ref_sync=64 // 12),
           tiny=dict(completions=8, temperature=0.9, lr=3e-4, clip=0.2, beta=0.04, mu=12, eps=0.5, grpo_prompts=16,
                     iterations=10, ref_sync=0, eval_every=2))
-D1["released"], D1["elicit"] = D1["paper"], dict(D1["tiny"], iterations=16, eval_every=4)   # elicit: DTM's 2,048 rollouts
+D1["released"] = D1["paper"]
+D1["elicit"] = dict(D1["tiny"], iterations=16, eval_every=4)          # DTM's 2,048 rollouts, evaluated as DTM

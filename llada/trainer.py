@@ -97,8 +97,9 @@ def verdict(held_out_change, held_out_change_se, phase_kl):
     x, se, y = held_out_change, held_out_change_se, phase_kl
     if se > y:
         return f"{x:.2e}: inconclusive: SE {se:.1e} > the phase's bound {y:.1e} (hold out more prompts)"
+    learned = "below 0 by more than its SE, the phase learned"
     return f"{x:.2e} ± {se:.1e} (the most it can fall: {y:.1e}): " + (
-        "below 0 by more than its SE, the phase learned" if x < -se else "not below 0 by its SE, the phase fitted noise")
+        learned if x < -se else "not below 0 by its SE, the phase fitted noise")
 
 
 class Trainer:

@@ -76,6 +76,6 @@ def measure(a, comp, r, valid, M, reference, extra):
     line += f"  distinct {h['distinct_valid_per_prompt']:.1f}  cells {h['cells_covered_per_prompt']:.1f}"
     if "loss" in extra:
         line += (f"  loss {extra['loss']:.4f}  held-out change {extra['held_out_change']:.1e} ± "
-                 f"{extra['held_out_change_se']:.1e} (most: -{extra['max_gain']:.1e})  {extra['train_s']:.0f} s")
+                 f"{extra['held_out_change_se']:.1e} (most: -{extra['phase_kl']:.1e})  {extra['train_s']:.0f} s")
     tqdm.write(line)
     return h

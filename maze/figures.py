@@ -18,6 +18,12 @@ import numpy as np
 from maze import env
 
 
+def logged_phase_kl(row):
+    """A phase's bound, the most its health check can fall (dtm.py: phase_kl), from a metrics row: logged as
+    `phase_kl`, or `max_gain` in metrics written before the name followed the function's."""
+    return row["phase_kl"] if "phase_kl" in row else row["max_gain"]
+
+
 def rollouts_file(out, a, what="rollouts"):
     """Where a run in `out` keeps its completions (what="rollouts") or reveal steps ("ranks") at tilt a."""
     return os.path.join(out, f"{what}_a{a:.4g}.npy")
@@ -105,7 +111,7 @@ def plot_run(history, out, wall, prompts, per_prompt, title, figures, tag):
         t = [h["a"] for h in checked]
         axes[3].errorbar(t, [h["held_out_change"] for h in checked], yerr=[h["held_out_change_se"] for h in checked],
                          fmt="o", color="tab:red", ms=3, capsize=2, label="held-out change, student - teacher")
-        axes[3].plot(t, [-h["max_gain"] for h in checked], "_", color="k", ms=12, mew=2,
+        axes[3].plot(t, [-logged_phase_kl(h) for h in checked], "_", color="k", ms=12, mew=2,
                      label="the most a phase can gain")
         axes[3].axhline(0, color="k", lw=0.8)
         axes[3].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))

@@ -32,6 +32,14 @@ def run_cli(*args, script="dtm.py"):
                           text=True, timeout=1200)
 
 
+def test_the_phases_bound_reads_from_new_and_old_metrics():
+    """Logged as phase_kl (the function's name); metrics written before call it max_gain, and still read."""
+    from maze.figures import logged_phase_kl
+    assert logged_phase_kl({"phase_kl": 0.25}) == 0.25 and logged_phase_kl({"max_gain": 0.5}) == 0.5
+    old = json.load(open(os.path.join(os.path.dirname(__file__), "..", "figures", "metrics_phi1_eta0.1.json")))
+    assert all(logged_phase_kl(h) > 0 for h in old[1:])                       # the committed run, as written
+
+
 def test_smoke_run_writes_metrics_and_figures(tiny_base, tmp_path):
     out, figs = str(tmp_path / "run"), str(tmp_path / "figs")
     history = dtm.run(parse(TINY + ["--base", tiny_base, "--out", out, "--figures", figs]))
@@ -64,7 +72,7 @@ def test_every_phase_reports_its_held_out_change_which_is_zero_when_the_model_do
     for lr in ("0", "0.02"):
         history = dtm.run(parse(TINY + ["--base", tiny_base, "--out", str(tmp_path / lr), "--lr", lr]))
         for h in history[1:]:
-            assert math.isfinite(h["held_out_change_se"]) and h["max_gain"] >= 0
+            assert math.isfinite(h["held_out_change_se"]) and h["phase_kl"] >= 0
             assert (h["held_out_change"] == 0.0) == (lr == "0")
 
 
