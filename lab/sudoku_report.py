@@ -137,6 +137,11 @@ def cost_curve(run):
     return np.array([[r["rollouts"], r["seconds"], r["test"]["acc"], r["test"]["whole"]] for r in rows])
 
 
+def last_within(c, budget, x):
+    """The row of cost curve c at its last evaluation within budget on column x (0: rollouts, 1: seconds)."""
+    return c[np.searchsorted(c[:, x], budget + 0.5) - 1]
+
+
 def cost_table(groups):
     """Markdown rows: each group at the end of its runs, and at the first group's end seconds (its last
     evaluation within them), test cell accuracy and whole puzzles with their spread over seeds."""
@@ -146,7 +151,7 @@ def cost_table(groups):
              "|---|---|---|---|---|---|---|"]
     for g, (name, cs) in enumerate(curves.items()):
         for at, pick in (("the end", lambda c: c[-1]),
-                         (f"{budget:.0f} s", lambda c: c[np.searchsorted(c[:, 1], budget + 0.5) - 1]))[:1 + (g > 0)]:
+                         (f"{budget:.0f} s", lambda c: last_within(c, budget, 1)))[:1 + (g > 0)]:
             rows = np.array([pick(c) for c in cs])
             lines.append(f"| {name} | {len(cs)} | {at} | {rows[:, 0].mean():.0f} | {rows[:, 1].mean():.0f} | "
                          f"{spread(rows[:, 2])} | {spread(rows[:, 3])} |")
@@ -160,7 +165,7 @@ def at_table(groups, budgets, seconds=False):
     curves = {name: [cost_curve(r) for r in runs] for name, runs in groups.items()}
     first = next(iter(curves.values()))
     x = 1 if seconds else 0
-    pick = lambda c, R: c[np.searchsorted(c[:, x], R + 0.5) - 1, 2]                  # noqa: E731
+    pick = lambda c, R: last_within(c, R, x)[2]                                   # noqa: E731
     unit = (lambda R: f"{R:,} s") if seconds else (lambda R: f"{R:,} rollouts")      # noqa: E731
     lines = ["| runs | seeds | " + " | ".join(unit(R) for R in budgets) + " | " +
              " | ".join(f"paired, {unit(R)}" for R in budgets) + " |", "|---|---|" + "---|" * 2 * len(budgets)]
@@ -314,11 +319,12 @@ def main(argv=None):
         print("\n".join(at_table(groups, args.at_seconds, seconds=True)))
     if args.figure:
         plot(groups, args.figure, args.title)
+    ceiling_whole = ceiling(args.ceiling)[0] if args.ceiling else None
     if args.cost_figure:
         print("\n".join(cost_table(groups)))
-        plot_cost(groups, args.cost_figure, args.title, ceiling(args.ceiling)[0] if args.ceiling else None)
+        plot_cost(groups, args.cost_figure, args.title, ceiling_whole)
     if args.json:
-        rows = results(groups, ceiling(args.ceiling)[0] if args.ceiling else None)
+        rows = results(groups, ceiling_whole)
         print("\n".join(results_table(rows)))
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
